@@ -1,0 +1,1174 @@
+"""anpi-call-scheduler: turn users' safety-check call settings into Cloud Tasks.
+
+Reads every active user whose call can fall in [now - GRACE, now + LOOKAHEAD) from
+MySQL, works out each call's exact instant in the user's zone (JST by default) and
+creates one named Cloud Tasks HTTP task per call; the task POSTs to the call webhook.
+
+Run: python main.py [--dry-run] [--now ISO8601]   (settings: environment or .env)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import hashlib
+import ipaddress
+import json
+import logging
+import os
+import re
+import signal
+import sys
+import threading
+import time
+import unicodedata
+import urllib.parse
+import zoneinfo
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, NamedTuple
+
+import pymysql
+from dotenv import dotenv_values
+from google.api_core import exceptions as gexc
+from google.api_core import retry as retries
+from google.api_core import timeout as timeouts
+
+UTC = dt.UTC
+DAY_SECONDS = 86_400
+WEEKDAY_NAMES = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+# Cloud Tasks refuses a task name for about an hour after the task ran or was
+# deleted; planning never reaches further back than that, so a re-plan of a call
+# that already ran meets ALREADY_EXISTS instead of calling twice.
+MAX_GRACE_MINUTES = 60
+# schedule_time may be at most 30 days ahead.
+MAX_LOOKAHEAD_MINUTES = 30 * 24 * 60
+TASK_ID_RE = re.compile(r"^([0-9a-f]{8})-anpi-(-?\d+)-(\d{8}T\d{6}Z)(?:-r(\d+))?$")
+PHONE_RE = re.compile(r"\+[0-9]{8,15}")
+CLOCK_RE = re.compile(r"([0-9]{1,2}):([0-9]{2})(?::([0-9]{2}))?")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMATS = ("auto", "json", "text")
+
+log = logging.getLogger("anpi")
+
+
+# ---------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------
+
+
+class ConfigError(Exception):
+    """One or more settings are missing or malformed; the message names each."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Every setting of one run, validated once by `Config.from_env`."""
+
+    project: str | None
+    location: str
+    queue: str
+    emulator_host: str | None
+    call_url: str | None
+    oidc_service_account: str | None
+    db_host: str | None
+    db_port: int
+    db_socket: str | None
+    db_user: str
+    db_password: str = dataclasses.field(repr=False)
+    db_name: str = "default"
+    db_connect_timeout: int = 10
+    db_read_timeout: int = 60
+    db_retry_seconds: float = 30.0
+    default_timezone: zoneinfo.ZoneInfo = dataclasses.field(
+        default_factory=lambda: zoneinfo.ZoneInfo("Asia/Tokyo")
+    )
+    lookahead: dt.timedelta = dt.timedelta(minutes=120)
+    grace: dt.timedelta = dt.timedelta(minutes=15)
+    log_level: str = "INFO"
+    log_json: bool = False
+    task_index: int = 0
+    task_count: int = 1
+    enqueue_concurrency: int = 32
+    enqueue_max_per_second: float = 500.0
+    enqueue_deadline_seconds: float = 60.0
+
+    @property
+    def queue_path(self) -> str:
+        return f"projects/{self.project}/locations/{self.location}/queues/{self.queue}"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], *, dry_run: bool = False) -> Config:
+        """Build the config from `env`, collecting every problem into one ConfigError."""
+        errors: list[str] = []
+
+        def text(name: str, default: str | None = None) -> str | None:
+            value = env.get(name, "").strip()
+            return value or default
+
+        def integer(name: str, default: int, low: int, high: int) -> int:
+            raw = text(name)
+            if raw is None:
+                return default
+            try:
+                value = int(raw)
+            except ValueError:
+                errors.append(f"{name}={raw!r} is not an integer")
+                return default
+            if not low <= value <= high:
+                errors.append(f"{name}={value} must be between {low} and {high}")
+            return value
+
+        project = text("GOOGLE_CLOUD_PROJECT")
+        call_url = text("ANPI_CALL_URL")
+        if not dry_run:
+            if project is None:
+                errors.append("GOOGLE_CLOUD_PROJECT is required (or use --dry-run)")
+            if call_url is None:
+                errors.append("ANPI_CALL_URL is required (or use --dry-run)")
+        if call_url is not None and (problem := _url_problem(call_url)):
+            errors.append(f"ANPI_CALL_URL {problem}")
+
+        oidc = text("TASKS_OIDC_SERVICE_ACCOUNT")
+        if oidc is not None and not re.fullmatch(r"[^@\s]+@[^@\s]+\.[^@\s]+", oidc):
+            errors.append(f"TASKS_OIDC_SERVICE_ACCOUNT={oidc!r} is not a service account email")
+
+        emulator = text("CLOUD_TASKS_EMULATOR_HOST")
+        if emulator is not None and not re.fullmatch(r"[^\s:/]+:[0-9]{1,5}", emulator):
+            errors.append(f"CLOUD_TASKS_EMULATOR_HOST={emulator!r} must be host:port")
+
+        socket_path = text("DB_SOCKET")
+        instance = text("INSTANCE_CONNECTION_NAME")
+        if socket_path is None and instance is not None:
+            if not re.fullmatch(r"[^:\s/]+(:[^:\s/]+)?:[^:\s/]+:[^:\s/]+", instance):
+                errors.append(
+                    f"INSTANCE_CONNECTION_NAME={instance!r} must be PROJECT:REGION:INSTANCE"
+                )
+            socket_path = f"/cloudsql/{instance}"
+        db_host = text("DB_HOST")
+        if socket_path is None and db_host is None:
+            errors.append("DB_HOST, DB_SOCKET or INSTANCE_CONNECTION_NAME is required")
+
+        zone_name = text("DEFAULT_TIMEZONE", "Asia/Tokyo")
+        default_zone = _zone_or_none(zone_name)
+        if default_zone is None:
+            errors.append(f"DEFAULT_TIMEZONE={zone_name!r} is not an IANA time zone")
+
+        grace = integer("GRACE_MINUTES", 15, 0, MAX_GRACE_MINUTES - 1)
+        lookahead = integer("LOOKAHEAD_MINUTES", 120, 1, MAX_LOOKAHEAD_MINUTES)
+        task_count = integer("CLOUD_RUN_TASK_COUNT", 1, 1, 10_000)
+        task_index = integer("CLOUD_RUN_TASK_INDEX", 0, 0, 9_999)
+        if task_index >= task_count:
+            errors.append(
+                f"CLOUD_RUN_TASK_INDEX={task_index} must be below CLOUD_RUN_TASK_COUNT={task_count}"
+            )
+
+        log_level = (text("LOG_LEVEL", "INFO") or "INFO").upper()
+        if log_level not in LOG_LEVELS:
+            errors.append(f"LOG_LEVEL={log_level!r} must be one of {', '.join(LOG_LEVELS)}")
+        log_format = (text("LOG_FORMAT", "auto") or "auto").lower()
+        if log_format not in LOG_FORMATS:
+            errors.append(f"LOG_FORMAT={log_format!r} must be one of {', '.join(LOG_FORMATS)}")
+        # Cloud Run sets CLOUD_RUN_JOB in every job container; there logs are JSON.
+        log_json = log_format == "json" or (log_format == "auto" and "CLOUD_RUN_JOB" in env)
+
+        rate = integer("ENQUEUE_MAX_PER_SECOND", 500, 0, 100_000)
+        config = cls(
+            project=project,
+            location=text("CLOUD_TASKS_LOCATION", "asia-northeast1") or "",
+            queue=text("CLOUD_TASKS_QUEUE", "anpi-call-queue") or "",
+            emulator_host=emulator,
+            call_url=call_url,
+            oidc_service_account=oidc,
+            db_host=db_host,
+            db_port=integer("DB_PORT", 3306, 1, 65_535),
+            db_socket=socket_path,
+            db_user=text("DB_USER", "default") or "",
+            db_password=env.get("DB_PASSWORD", ""),
+            db_name=text("DB_NAME", "default") or "",
+            db_connect_timeout=integer("DB_CONNECT_TIMEOUT", 10, 1, 300),
+            db_read_timeout=integer("DB_READ_TIMEOUT", 60, 1, 3600),
+            db_retry_seconds=integer("DB_RETRY_SECONDS", 30, 0, 600),
+            default_timezone=default_zone or zoneinfo.ZoneInfo("UTC"),
+            lookahead=dt.timedelta(minutes=lookahead),
+            grace=dt.timedelta(minutes=grace),
+            log_level=log_level,
+            log_json=log_json,
+            task_index=task_index,
+            task_count=task_count,
+            enqueue_concurrency=integer("ENQUEUE_CONCURRENCY", 32, 1, 256),
+            # 0 lifts the cap (benchmarks); Cloud Tasks asks for ramp-up above 500/s.
+            enqueue_max_per_second=float(rate),
+            enqueue_deadline_seconds=integer("ENQUEUE_DEADLINE_SECONDS", 60, 1, 600),
+        )
+        if errors:
+            raise ConfigError("invalid configuration: " + "; ".join(errors))
+        return config
+
+
+def _url_problem(url: str) -> str | None:
+    """Why `url` cannot be the webhook (https, or http to loopback only), or None."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname or ""
+        parts.port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError:
+        return "is not a valid URL"
+    if parts.scheme == "https" and host:
+        return None
+    if parts.scheme == "http" and host:
+        if host == "localhost" or _is_loopback(host):
+            return None
+        return "must use https (http is allowed only for localhost/127.0.0.1)"
+    return f"must be an https:// URL (got scheme {parts.scheme!r})"
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _zone_or_none(name: str | None) -> zoneinfo.ZoneInfo | None:
+    """The IANA zone called exactly `name`, or None when there is none."""
+    if not name or name not in _zone_names():
+        return None
+    return zoneinfo.ZoneInfo(name)
+
+
+_ZONE_NAMES: frozenset[str] = frozenset()
+
+
+def _zone_names() -> frozenset[str]:
+    global _ZONE_NAMES
+    if not _ZONE_NAMES:
+        # zoneinfo alone would also open paths such as "../x" or "Asia/Tokyo/"; the
+        # list of real keys keeps row values from reaching the file system.
+        _ZONE_NAMES = frozenset(zoneinfo.available_timezones())
+    return _ZONE_NAMES
+
+
+# ---------------------------------------------------------------------------
+# Logging: JSON lines for Cloud Logging on Cloud Run, readable text locally
+# ---------------------------------------------------------------------------
+
+_RECORD_FIELDS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line with Cloud Logging's `severity` and `message`."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "severity": record.levelname,
+            "message": record.getMessage(),
+            "time": dt.datetime.fromtimestamp(record.created, UTC).isoformat(),
+            "logger": record.name,
+        }
+        entry.update((k, v) for k, v in vars(record).items() if k not in _RECORD_FIELDS)
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    """`time LEVEL message key=value ...` for a terminal."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = " ".join(f"{k}={v}" for k, v in vars(record).items() if k not in _RECORD_FIELDS)
+        stamp = dt.datetime.fromtimestamp(record.created).strftime("%H:%M:%S")
+        line = f"{stamp} {record.levelname:<7} {record.getMessage()}"
+        if fields:
+            line += f"  {fields}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def setup_logging(level: str, as_json: bool) -> None:
+    """Send the job's logs to stderr in the chosen format."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if as_json else TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def mask_phone(value: object) -> str:
+    """A phone number reduced to its last four digits, safe for logs."""
+    digits = re.sub(r"\D", "", value if isinstance(value, str) else "")
+    return f"***{digits[-4:]}" if len(digits) >= 8 else "***"
+
+
+# ---------------------------------------------------------------------------
+# Data source: MySQL / Cloud SQL
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class UserRow:
+    """One `users` row as the driver returned it, before any validation."""
+
+    id: int
+    phone_number: object
+    call_weekdays: object
+    call_time: object
+    timezone: object
+
+
+USER_COLUMNS = "id, phone_number, call_weekdays, call_time, timezone"
+# Rows whose TIME lies outside a day are read too, so that they are reported invalid.
+OUT_OF_DAY_SQL = "call_time < CAST('00:00:00' AS TIME) OR call_time >= CAST('24:00:00' AS TIME)"
+
+
+class DatabaseError(Exception):
+    """The database could not be reached or stopped answering."""
+
+
+def connect(config: Config) -> Any:
+    """Open a streaming connection, retrying transient failures within DB_RETRY_SECONDS."""
+    kwargs: dict[str, Any] = {
+        "user": config.db_user,
+        "password": config.db_password,
+        "database": config.db_name,
+        "charset": "utf8mb4",
+        "connect_timeout": config.db_connect_timeout,
+        "read_timeout": config.db_read_timeout,
+        "cursorclass": pymysql.cursors.SSCursor,
+        "autocommit": True,
+    }
+    if config.db_socket:
+        kwargs["unix_socket"] = config.db_socket
+    else:
+        kwargs["host"], kwargs["port"] = config.db_host, config.db_port
+
+    def transient(exc: BaseException) -> bool:
+        # 2003/2002: cannot connect, 2013/2006: lost, 1040: too many connections.
+        return isinstance(exc, pymysql.err.OperationalError) and exc.args[:1] in {
+            (2002,),
+            (2003,),
+            (2006,),
+            (2013,),
+            (1040,),
+        }
+
+    def warn(exc: BaseException) -> None:
+        log.warning("database not reachable yet, retrying: %s", exc)
+
+    retry = retries.Retry(
+        predicate=transient,
+        initial=0.5,
+        maximum=5.0,
+        multiplier=2.0,
+        timeout=config.db_retry_seconds,
+        on_error=warn,
+    )
+    try:
+        return retry(pymysql.connect)(**kwargs)
+    except gexc.RetryError as exc:
+        raise DatabaseError(
+            f"cannot connect to the database within {config.db_retry_seconds:g}s: {exc.cause}"
+        ) from exc
+    except pymysql.err.MySQLError as exc:
+        raise DatabaseError(f"cannot connect to the database: {exc}") from exc
+
+
+def read_rows(conn: Any, config: Config, window: Window) -> Iterator[UserRow]:
+    """Stream the active rows whose call can fall in `window`, this shard's only.
+
+    One query per distinct `timezone` value (see `zone_query`), each a range scan of
+    the index on (is_active, timezone, call_time).
+    """
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT DISTINCT timezone FROM users WHERE is_active = 1")
+            zone_values = [value for (value,) in cur.fetchall()]
+        for value in zone_values:
+            sql, args = zone_query(value, config, window)
+            with conn.cursor() as cur:
+                cur.execute(sql, args)
+                for row in cur:
+                    yield UserRow(*row)
+    except pymysql.err.MySQLError as exc:
+        raise DatabaseError(f"lost the database while reading users: {exc}") from exc
+
+
+def zone_query(zone_value: object, config: Config, window: Window) -> tuple[str, list[Any]]:
+    """SQL and arguments for the rows with this `timezone` value that can be due.
+
+    The `call_time` ranges come from `local_time_ranges`; rows whose TIME lies outside
+    a day, or whose zone is unknown, are selected too so that they are reported.
+    """
+    if zone_value is None:
+        zone_sql, args = "timezone IS NULL", []
+    else:
+        zone_sql, args = "timezone = %s", [zone_value]
+    try:
+        zone = parse_zone(zone_value, config.default_timezone)
+        ranges = local_time_ranges(zone, window)
+    except InvalidRow:
+        ranges = None
+    if ranges is None:
+        time_sql = "call_time IS NOT NULL"
+    else:
+        between = "(call_time >= CAST(%s AS TIME) AND call_time < CAST(%s AS TIME))"
+        time_sql = " OR ".join([between] * len(ranges) + [OUT_OF_DAY_SQL])
+        args += [_clock_text(seconds) for pair in ranges for seconds in pair]
+    sql = f"SELECT {USER_COLUMNS} FROM users WHERE is_active = 1 AND {zone_sql} AND ({time_sql})"
+    if config.task_count > 1:
+        # Python's modulo (never negative), so negative ids have a shard too.
+        sql += " AND MOD(MOD(id, %s) + %s, %s) = %s"
+        args += [config.task_count] * 3 + [config.task_index]
+    return sql, args
+
+
+def _clock_text(seconds: int) -> str:
+    return f"{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+# ---------------------------------------------------------------------------
+# Scheduling: pure functions of the rows, the window and nothing else
+# ---------------------------------------------------------------------------
+
+
+class InvalidRow(ValueError):
+    """A row that cannot be planned; the message is the reason (never the phone)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Window:
+    """The instants a run plans: start <= t < end, both aware."""
+
+    start: dt.datetime
+    end: dt.datetime
+
+    @classmethod
+    def around(cls, now: dt.datetime, grace: dt.timedelta, lookahead: dt.timedelta) -> Window:
+        now = now.astimezone(UTC)
+        return cls(now - grace, now + lookahead)
+
+
+@dataclasses.dataclass(frozen=True)
+class CallSetting:
+    """A validated row: who is called, on which weekdays, at which local time."""
+
+    user_id: int
+    phone_number: str
+    weekdays: frozenset[int]  # 0 = Monday ... 6 = Sunday, as date.weekday()
+    call_time: dt.time
+    zone: zoneinfo.ZoneInfo
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+    """One planned call: a task to create."""
+
+    task_id: str
+    user_id: int
+    phone_number: str
+    instant: dt.datetime  # UTC
+    zone: zoneinfo.ZoneInfo
+
+    @property
+    def scheduled_at(self) -> str:
+        """ISO 8601 in the user's zone, with its offset: 2026-11-30T09:00:00+09:00."""
+        return self.instant.astimezone(self.zone).isoformat()
+
+    def plan_line(self) -> dict[str, Any]:
+        return {"task_id": self.task_id, "user_id": self.user_id, "scheduled_at": self.scheduled_at}
+
+
+_DAY_WORDS = {
+    **{name: i for i, name in enumerate(WEEKDAY_NAMES)},
+    **{
+        name: i
+        for i, name in enumerate(
+            ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
+        )
+    },
+    "tues": 1,
+    "thur": 3,
+    "thurs": 3,
+}
+_KANJI_DAYS = {k: i for i, k in enumerate("月火水木金土日")}
+_DAY_SETS = {
+    "daily": range(7), "everyday": range(7), "毎日": range(7),
+    "weekdays": range(5), "weekday": range(5), "平日": range(5),
+    "weekends": (5, 6), "weekend": (5, 6),
+}  # fmt: skip
+_WEEKDAY_SEPARATORS = re.compile(r"[\s,、・/]+")
+_WEEKDAY_TERM = re.compile(
+    r"(?P<range>[-〜~])|(?P<set>毎日|平日)|(?P<kanji>[月火水木金土日])(?:曜日?)?"
+    r"|(?P<word>[a-z]+)|(?P<digit>[0-9]+)"
+)
+
+
+class _Term(NamedTuple):
+    """One weekday term: the days it names; `point` is set when it is a single day."""
+
+    days: frozenset[int]
+    point: int | None = None
+    digit: int | None = None
+    kanji: bool = False
+
+
+_RANGE = _Term(frozenset())
+
+
+def parse_weekdays(value: object) -> frozenset[int]:
+    """Weekday numbers (0 = Monday) named by a `call_weekdays` value.
+
+    NULL or empty means no calls (an empty set); anything unrecognised raises
+    InvalidRow. Full-width letters and digits are folded first (NFKC).
+    """
+    if value is None:
+        return frozenset()
+    if isinstance(value, bytes):
+        value = _decode(value, "call_weekdays")
+    if not isinstance(value, str):
+        raise InvalidRow(f"call_weekdays has type {type(value).__name__}")
+    text = unicodedata.normalize("NFKC", value).lower().strip()
+    if not text:
+        return frozenset()
+    days: set[int] = set()
+    for group in _WEEKDAY_SEPARATORS.split(text):
+        if group:
+            days |= _parse_weekday_group(group, value)
+    if not days:
+        raise InvalidRow(f"call_weekdays {_show(value)} names no weekday")
+    return frozenset(days)
+
+
+def _parse_weekday_group(group: str, value: str) -> set[int]:
+    """Days of one separator-free group: `月水金`, `mon-fri`, `平日`, `5`."""
+
+    def invalid(why: str) -> InvalidRow:
+        return InvalidRow(f"call_weekdays {_show(value)}: {why}")
+
+    terms: list[_Term] = []
+    pos = 0
+    while pos < len(group):
+        m = _WEEKDAY_TERM.match(group, pos)
+        if m is None:
+            raise invalid(f"unrecognised {_show(group[pos : pos + 10])}")
+        pos = m.end()
+        if m["range"]:
+            terms.append(_RANGE)
+        elif m["set"]:
+            terms.append(_Term(frozenset(_DAY_SETS[m["set"]]), kanji=True))
+        elif m["kanji"]:
+            day = _KANJI_DAYS[m["kanji"]]
+            terms.append(_Term(frozenset({day}), day, kanji=True))
+        elif m["digit"]:
+            if len(m["digit"]) > 1 or m["digit"] > "7":
+                raise invalid(f"{m['digit']!r} is not a day number 0-7")
+            digit = int(m["digit"])
+            day = (digit + 6) % 7  # cron: 0 and 7 are Sunday, 1 is Monday
+            terms.append(_Term(frozenset({day}), day, digit))
+        elif m["word"] in _DAY_SETS:
+            terms.append(_Term(frozenset(_DAY_SETS[m["word"]])))
+        elif m["word"] in _DAY_WORDS:
+            day = _DAY_WORDS[m["word"]]
+            terms.append(_Term(frozenset({day}), day))
+        else:
+            raise invalid(f"unknown word {_show(m['word'])}")
+
+    days: set[int] = set()
+    previous_kanji: bool | None = None
+    i = 0
+    while i < len(terms):
+        term = terms[i]
+        if term is _RANGE:
+            raise invalid("a range mark needs one day on each side")
+        if i + 1 < len(terms) and terms[i + 1] is _RANGE:
+            end = terms[i + 2] if i + 2 < len(terms) else _RANGE
+            if end is _RANGE or term.point is None or end.point is None:
+                raise invalid("a range joins two single days, such as mon-fri or 月〜金")
+            days |= _expand_range(term, end)
+            kanji = term.kanji and end.kanji
+            i += 3
+        else:
+            days |= term.days
+            kanji = term.kanji
+            i += 1
+        # Kanji may stand side by side (月水金); words and digits need a separator.
+        if previous_kanji is not None and not (previous_kanji and kanji):
+            raise invalid("separate days with , 、 ・ / or a space")
+        previous_kanji = kanji
+    return days
+
+
+def _expand_range(start: _Term, end: _Term) -> set[int]:
+    """Days from start to end inclusive, wrapping past Sunday (`sat-mon`)."""
+    if start.digit is not None and end.digit is not None and start.digit <= end.digit:
+        return {(d + 6) % 7 for d in range(start.digit, end.digit + 1)}  # cron: 0-7 is all
+    assert start.point is not None and end.point is not None
+    return {(start.point + k) % 7 for k in range((end.point - start.point) % 7 + 1)}
+
+
+def parse_call_time(value: object) -> dt.time | None:
+    """Local wall-clock time of a `call_time` value; None means no calls."""
+    if value is None:
+        return None
+    if isinstance(value, dt.timedelta):
+        if value.microseconds:
+            raise InvalidRow(f"call_time {value} has fractions of a second")
+        seconds = int(value.total_seconds())
+        if not 0 <= seconds < DAY_SECONDS:
+            raise InvalidRow(f"call_time {_show_timedelta(value)} is not within 00:00:00-23:59:59")
+        return dt.time(seconds // 3600, seconds // 60 % 60, seconds % 60)
+    if isinstance(value, dt.time):
+        if value.microsecond or value.tzinfo is not None:
+            raise InvalidRow(f"call_time {value} must be a plain HH:MM:SS")
+        return value
+    if isinstance(value, bytes):
+        value = _decode(value, "call_time")
+    if isinstance(value, str):
+        m = CLOCK_RE.fullmatch(value.strip())
+        if m is None:
+            raise InvalidRow(f"call_time {_show(value)} is not HH:MM or HH:MM:SS")
+        hour, minute, second = int(m[1]), int(m[2]), int(m[3] or 0)
+        if hour > 23 or minute > 59 or second > 59:
+            raise InvalidRow(f"call_time {_show(value)} is not within 00:00:00-23:59:59")
+        return dt.time(hour, minute, second)
+    raise InvalidRow(f"call_time has type {type(value).__name__}")
+
+
+def parse_zone(value: object, default: zoneinfo.ZoneInfo) -> zoneinfo.ZoneInfo:
+    """The row's zone: an IANA name, or `default` when NULL or empty."""
+    if value is None:
+        return default
+    if isinstance(value, bytes):
+        value = _decode(value, "timezone")
+    if not isinstance(value, str):
+        raise InvalidRow(f"timezone has type {type(value).__name__}")
+    if not value.strip():
+        return default
+    zone = _zone_or_none(value.strip())
+    if zone is None:
+        raise InvalidRow(f"timezone {_show(value)} is not an IANA time zone")
+    return zone
+
+
+def parse_row(row: UserRow, default_zone: zoneinfo.ZoneInfo) -> CallSetting | None:
+    """Validate one row. None when it asks for no calls; InvalidRow when it is wrong."""
+    if not isinstance(row.id, int) or isinstance(row.id, bool):
+        raise InvalidRow(f"id has type {type(row.id).__name__}")
+    weekdays = parse_weekdays(row.call_weekdays)
+    call_time = parse_call_time(row.call_time)
+    zone = parse_zone(row.timezone, default_zone)
+    phone = row.phone_number
+    if isinstance(phone, bytes):
+        phone = _decode(phone, "phone_number")
+    if not isinstance(phone, str) or not PHONE_RE.fullmatch(phone):
+        raise InvalidRow(f"phone_number {mask_phone(phone)} is not E.164 (+ and 8-15 digits)")
+    if not weekdays or call_time is None:
+        return None
+    return CallSetting(row.id, phone, weekdays, call_time, zone)
+
+
+def _decode(value: bytes, column: str) -> str:
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidRow(f"{column} is not valid UTF-8") from None
+
+
+def _show(value: str, limit: int = 40) -> str:
+    """A bounded repr of untrusted text for log messages."""
+    return repr(value if len(value) <= limit else value[:limit] + "…")
+
+
+def _show_timedelta(value: dt.timedelta) -> str:
+    seconds = int(value.total_seconds())
+    sign, seconds = ("-", -seconds) if seconds < 0 else ("", seconds)
+    return f"{sign}{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def occurrence(day: dt.date, at: dt.time, zone: zoneinfo.ZoneInfo) -> dt.datetime:
+    """The instant (in UTC) of wall-clock `at` on local `day`.
+
+    UTC, because aware datetimes in a fold compare unequal across zones (PEP 495). A time inside a DST gap moves forward by the gap, an ambiguous one takes its first
+    occurrence: both are what fold=0 means (PEP 495) once converted to UTC.
+    """
+    return dt.datetime.combine(day, at, tzinfo=zone).astimezone(UTC)
+
+
+def occurrences(setting: CallSetting, window: Window) -> list[dt.datetime]:
+    """Every call instant (UTC) of `setting` inside `window`, at most one per local date."""
+    first = window.start.astimezone(setting.zone).date() - dt.timedelta(days=1)
+    last = window.end.astimezone(setting.zone).date() + dt.timedelta(days=1)
+    found = []
+    day = first
+    while day <= last:
+        if day.weekday() in setting.weekdays:
+            instant = occurrence(day, setting.call_time, setting.zone)
+            if window.start <= instant < window.end:
+                found.append(instant)
+        day += dt.timedelta(days=1)
+    return found
+
+
+def task_id(user_id: int, instant: dt.datetime, retry: int = 0) -> str:
+    """Deterministic task id of one call: hashed prefix, user id, UTC instant.
+
+    The short hash first spreads names across Cloud Tasks' key space (sequential or
+    timestamp-prefixed names raise its latency); `retry` > 0 names an alternative.
+    """
+    stamp = instant.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
+    digest = hashlib.sha256(f"{user_id}@{stamp}".encode()).hexdigest()[:8]
+    return f"{digest}-anpi-{user_id}-{stamp}" + (f"-r{retry}" if retry else "")
+
+
+def plan_calls(setting: CallSetting, window: Window) -> list[Call]:
+    """The calls one validated row asks for inside `window`."""
+    return [
+        Call(task_id(setting.user_id, t), setting.user_id, setting.phone_number, t, setting.zone)
+        for t in occurrences(setting, window)
+    ]
+
+
+def local_time_ranges(zone: zoneinfo.ZoneInfo, window: Window) -> list[tuple[int, int]] | None:
+    """Seconds-of-day ranges [lo, hi) that hold every wall time due in `window`.
+
+    A superset: the wall-clock span of the window widened by the smallest and largest
+    UTC offset the zone has around it, which covers DST gaps and folds. None when the
+    span reaches a whole day (no filter is possible).
+    """
+    offsets = set()
+    probe = window.start - dt.timedelta(hours=6)
+    while probe <= window.end + dt.timedelta(hours=6):
+        offsets.add(probe.astimezone(zone).utcoffset() or dt.timedelta())
+        probe += dt.timedelta(minutes=15)
+    low = window.start.replace(tzinfo=None) + min(offsets)
+    high = window.end.replace(tzinfo=None) + max(offsets)
+    if high - low >= dt.timedelta(days=1):
+        return None
+    lo = low.hour * 3600 + low.minute * 60 + low.second
+    hi = lo + int((high - low).total_seconds()) + (1 if low.microsecond else 0)
+    if hi <= DAY_SECONDS:
+        return [(lo, hi)]
+    return [(lo, DAY_SECONDS), (0, hi - DAY_SECONDS)]
+
+
+# ---------------------------------------------------------------------------
+# Task sink: Cloud Tasks
+# ---------------------------------------------------------------------------
+
+CREATED, EXISTING, FAILED = "created", "existing", "failed"
+
+
+class FatalQueueError(Exception):
+    """An error that every further call would meet too (no queue, no credentials)."""
+
+
+def make_tasks_client(config: Config) -> Any:
+    """One Cloud Tasks client for the run: the emulator's plain gRPC, or ADC."""
+    from google.cloud import tasks_v2
+
+    if config.emulator_host:
+        import grpc
+        from google.cloud.tasks_v2.services.cloud_tasks.transports import (
+            CloudTasksGrpcTransport,
+        )
+
+        channel = grpc.insecure_channel(config.emulator_host)
+        return tasks_v2.CloudTasksClient(transport=CloudTasksGrpcTransport(channel=channel))
+    from google.auth import exceptions as auth_exceptions
+
+    try:
+        return tasks_v2.CloudTasksClient()
+    except auth_exceptions.DefaultCredentialsError as exc:
+        raise FatalQueueError(f"no Google credentials for Cloud Tasks: {exc}") from exc
+
+
+class TaskSink:
+    """Creates call tasks on one queue; each create's outcome comes back as a value."""
+
+    def __init__(self, client: Any, config: Config, stop: threading.Event) -> None:
+        self._client = client
+        self._config = config
+        self._stop = stop
+        self._retry = retries.Retry(
+            predicate=retries.if_exception_type(
+                gexc.ServiceUnavailable,
+                gexc.DeadlineExceeded,
+                gexc.TooManyRequests,  # RESOURCE_EXHAUSTED
+                gexc.ResourceExhausted,
+                gexc.InternalServerError,
+                gexc.Aborted,
+            ),
+            initial=0.25,
+            maximum=4.0,
+            multiplier=2.0,
+            timeout=config.enqueue_deadline_seconds,
+            on_error=self._before_retry,
+        )
+        self._timeout = timeouts.ConstantTimeout(10.0)
+
+    def _before_retry(self, exc: Exception) -> None:
+        """Give up retrying once the run is stopping; the next run plans the call again."""
+        log.info("transient Cloud Tasks error, retrying: %s", type(exc).__name__)
+        if self._stop.is_set():
+            raise exc
+
+    def build_task(self, call: Call) -> Any:
+        """The typed Cloud Tasks HTTP task for `call`."""
+        from google.cloud import tasks_v2
+        from google.protobuf import timestamp_pb2
+
+        body = {
+            "user_id": call.user_id,
+            "phone_number": call.phone_number,
+            "scheduled_at": call.scheduled_at,
+            "task_id": call.task_id,
+        }
+        request = tasks_v2.HttpRequest(
+            url=self._config.call_url,
+            http_method=tasks_v2.HttpMethod.POST,
+            headers={"Content-Type": "application/json"},
+            body=json.dumps(body).encode(),
+        )
+        if self._config.oidc_service_account:
+            request.oidc_token = tasks_v2.OidcToken(
+                service_account_email=self._config.oidc_service_account,
+                audience=self._config.call_url,
+            )
+        schedule = timestamp_pb2.Timestamp()
+        schedule.FromDatetime(call.instant)
+        return tasks_v2.Task(
+            name=f"{self._config.queue_path}/tasks/{call.task_id}",
+            http_request=request,
+            schedule_time=schedule,
+        )
+
+    def create(self, call: Call) -> str:
+        """Create the task for `call`: CREATED, EXISTING or FAILED.
+
+        Raises FatalQueueError when the queue itself is unusable.
+        """
+        from google.cloud import tasks_v2
+
+        request = tasks_v2.CreateTaskRequest(
+            parent=self._config.queue_path, task=self.build_task(call)
+        )
+        try:
+            self._client.create_task(request=request, retry=self._retry, timeout=self._timeout)
+            return CREATED
+        except gexc.AlreadyExists:
+            return EXISTING
+        except gexc.NotFound as exc:
+            raise FatalQueueError(
+                f"Cloud Tasks queue {self._config.queue_path} not found: {exc.message}"
+            ) from exc
+        except gexc.Unauthenticated as exc:
+            raise FatalQueueError(f"Cloud Tasks rejected the credentials: {exc.message}") from exc
+        except gexc.GoogleAPICallError as exc:
+            log.error(
+                "could not create task: %s %s",
+                type(exc).__name__,
+                exc.message,
+                extra={"user_id": call.user_id, "task_id": call.task_id},
+            )
+            return FAILED
+        except gexc.RetryError as exc:
+            log.error(
+                "could not create task within %ss: %s",
+                self._config.enqueue_deadline_seconds,
+                exc.cause,
+                extra={"user_id": call.user_id, "task_id": call.task_id},
+            )
+            return FAILED
+
+
+class RateLimiter:
+    """Spaces out starts to at most `per_second` (0 = no cap); one caller thread."""
+
+    def __init__(
+        self,
+        per_second: float,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self._interval = 1.0 / per_second if per_second > 0 else 0.0
+        self._clock, self._sleep = clock, sleep
+        self._next = clock()
+
+    def wait(self) -> None:
+        if not self._interval:
+            return
+        now = self._clock()
+        if self._next > now:
+            self._sleep(self._next - now)
+        self._next = max(self._next, now) + self._interval
+
+
+# ---------------------------------------------------------------------------
+# Run and summary
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class RunSummary:
+    """Counters of one run; the last stdout line is this object as JSON."""
+
+    users_scanned: int = 0
+    calls_planned: int = 0
+    tasks_created: int = 0
+    tasks_existing: int = 0
+    tasks_failed: int = 0
+    tasks_not_attempted: int = 0
+    rows_invalid: int = 0
+    dry_run: bool = False
+    shard: str = "0/1"
+    window_start: str = ""
+    window_end: str = ""
+    error: str | None = None
+    interrupted: bool = False
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every planned call is on the queue (or a dry run planned cleanly).
+
+        1 when anything was left undone: a failed or unattempted task, a database or
+        queue error, or a stop by signal. Invalid rows are reported, not failed on.
+        """
+        undone = self.tasks_failed or self.tasks_not_attempted
+        return 1 if (undone or self.error or self.interrupted) else 0
+
+    def count(self, outcome: str) -> None:
+        if outcome == CREATED:
+            self.tasks_created += 1
+        elif outcome == EXISTING:
+            self.tasks_existing += 1
+        else:
+            self.tasks_failed += 1
+
+
+def plan(
+    rows: Iterator[UserRow], config: Config, window: Window, summary: RunSummary
+) -> list[Call]:
+    """Validate and plan every row, counting scanned and invalid ones."""
+    calls: list[Call] = []
+    for row in rows:
+        summary.users_scanned += 1
+        try:
+            setting = parse_row(row, config.default_timezone)
+        except InvalidRow as reason:
+            summary.rows_invalid += 1
+            log.warning(
+                "invalid row skipped: %s",
+                reason,
+                extra={"user_id": row.id, "phone": mask_phone(row.phone_number)},
+            )
+            continue
+        if setting is not None:
+            calls.extend(plan_calls(setting, window))
+    summary.calls_planned = len(calls)
+    return calls
+
+
+def enqueue(
+    sink: TaskSink,
+    calls: Sequence[Call],
+    config: Config,
+    summary: RunSummary,
+    stop: threading.Event,
+) -> None:
+    """Create every call's task with a bounded number in flight and a rate cap."""
+    slots = threading.BoundedSemaphore(config.enqueue_concurrency)
+    limiter = RateLimiter(config.enqueue_max_per_second)
+    lock = threading.Lock()
+    fatal: list[str] = []
+
+    def done(future: Future[str]) -> None:
+        slots.release()
+        exc = future.exception()
+        with lock:
+            if isinstance(exc, FatalQueueError):
+                if not fatal:
+                    fatal.append(str(exc))
+                    log.critical("%s", exc)
+                stop.set()
+                summary.tasks_not_attempted += 1
+            elif exc is not None:
+                log.error("unexpected error creating a task: %r", exc)
+                summary.tasks_failed += 1
+            else:
+                summary.count(future.result())
+
+    submitted = 0
+    with ThreadPoolExecutor(config.enqueue_concurrency, thread_name_prefix="enqueue") as pool:
+        for call in calls:
+            while not slots.acquire(timeout=0.2):
+                if stop.is_set():
+                    break
+            else:
+                if not stop.is_set():
+                    limiter.wait()
+                    pool.submit(sink.create, call).add_done_callback(done)
+                    submitted += 1
+                    continue
+                slots.release()
+            break
+    summary.tasks_not_attempted += len(calls) - submitted
+    if fatal:
+        summary.error = fatal[0]
+
+
+def run(
+    config: Config,
+    now: dt.datetime,
+    *,
+    dry_run: bool,
+    tasks_client: Any,
+    stop: threading.Event,
+    out: Callable[[str], None],
+) -> RunSummary:
+    """One whole run: read, plan, then enqueue (or print the plan)."""
+    window = Window.around(now, config.grace, config.lookahead)
+    summary = RunSummary(
+        dry_run=dry_run,
+        shard=f"{config.task_index}/{config.task_count}",
+        window_start=window.start.isoformat(),
+        window_end=window.end.isoformat(),
+    )
+    log.info(
+        "run started",
+        extra={
+            "now": now.isoformat(),
+            "window_start": summary.window_start,
+            "window_end": summary.window_end,
+            "shard": summary.shard,
+            "dry_run": dry_run,
+        },
+    )
+    calls: list[Call] = []
+    try:
+        conn = connect(config)
+        try:
+            rows = read_rows(conn, config, window)
+            calls = plan(rows, config, window, summary)
+        finally:
+            conn.close()
+    except DatabaseError as exc:
+        # Calls planned before the connection broke are still enqueued: the next run
+        # completes the rest, and names keep the two from overlapping.
+        summary.error = str(exc)
+        log.critical("%s", exc)
+    if dry_run:
+        for call in calls:
+            out(json.dumps(call.plan_line(), ensure_ascii=False))
+        return summary
+    if calls:
+        try:
+            client = tasks_client or make_tasks_client(config)
+        except FatalQueueError as exc:
+            summary.error = summary.error or str(exc)
+            summary.tasks_not_attempted = len(calls)
+            log.critical("%s", exc)
+            return summary
+        db_error = summary.error
+        enqueue(TaskSink(client, config, stop), calls, config, summary, stop)
+        summary.error = db_error or summary.error
+    return summary
+
+
+# ---------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------
+
+
+def parse_now(text: str, default_zone: zoneinfo.ZoneInfo) -> dt.datetime:
+    """--now: exact with an offset or Z, else wall-clock time in DEFAULT_TIMEZONE."""
+    value = dt.datetime.fromisoformat(text)
+    return value if value.tzinfo is not None else value.replace(tzinfo=default_zone)
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    now: dt.datetime | None = None,
+    tasks_client: Any = None,
+) -> int:
+    """Run the job once and return its exit code (0 ok, 1 runtime failure, 2 usage).
+
+    Args:
+        argv: command-line arguments (default: sys.argv[1:]).
+        env: settings (default: .env loaded under the process environment).
+        now: the instant to plan for when --now is absent (default: the clock).
+        tasks_client: a ready Cloud Tasks client (tests), else one is made.
+    """
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--dry-run", action="store_true", help="read and plan, print the plan, create no task"
+    )
+    parser.add_argument(
+        "--now",
+        metavar="ISO8601",
+        help="plan as if it were this instant (no offset: DEFAULT_TIMEZONE)",
+    )
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    if env is None:
+        # .env in the working directory; real variables win over it.
+        file_values = dotenv_values(".env")
+        env = {**{k: v for k, v in file_values.items() if v is not None}, **os.environ}
+    try:
+        config = Config.from_env(env, dry_run=args.dry_run)
+    except ConfigError as exc:
+        print(f"anpi-call-scheduler: {exc}", file=sys.stderr)
+        return 2
+    if args.now is not None:
+        try:
+            now = parse_now(args.now, config.default_timezone)
+        except ValueError:
+            print(f"anpi-call-scheduler: --now {args.now!r} is not ISO 8601", file=sys.stderr)
+            return 2
+    setup_logging(config.log_level, config.log_json)
+
+    stop, signalled = threading.Event(), threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.warning(
+            "received %s: finishing in-flight tasks, then stopping", signal.Signals(signum).name
+        )
+        signalled.set()
+        stop.set()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+
+    def out(line: str) -> None:
+        print(line, flush=True)
+
+    try:
+        summary = run(
+            config,
+            now or dt.datetime.now(UTC),
+            dry_run=args.dry_run,
+            tasks_client=tasks_client,
+            stop=stop,
+            out=out,
+        )
+    except Exception:  # the one catch-all: report, never die without a summary
+        log.exception("unexpected error")
+        summary = RunSummary(error="unexpected error (see log)")
+    summary.interrupted = signalled.is_set()
+    out(json.dumps(dataclasses.asdict(summary), ensure_ascii=False))
+    log.info("run finished", extra={"exit_code": summary.exit_code})
+    return summary.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

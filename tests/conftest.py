@@ -1,0 +1,166 @@
+"""Shared fixtures: a real MariaDB database per test, the in-tests Cloud Tasks server,
+and a helper that runs the job as a subprocess with a clean environment."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pymysql
+import pytest
+
+from tests.fake_cloud_tasks import FakeCloudTasks
+
+ROOT = Path(__file__).resolve().parent.parent
+SCHEMA = (ROOT / "schema.sql").read_text()
+PROJECT = "test-project"
+QUEUE_PATH = f"projects/{PROJECT}/locations/asia-northeast1/queues/anpi-call-queue"
+CALL_URL = "http://127.0.0.1:9/call"
+
+# The test database server: 127.0.0.1:3306 as root unless TEST_DB_* say otherwise
+# (make test points them at a private mariadbd when no server answers there).
+DB_SETTINGS = {
+    "host": os.environ.get("TEST_DB_HOST", "127.0.0.1"),
+    "port": int(os.environ.get("TEST_DB_PORT", "3306")),
+    "user": os.environ.get("TEST_DB_USER", "root"),
+    "password": os.environ.get("TEST_DB_PASSWORD", ""),
+}
+
+# Keeps google-auth from probing the GCE metadata server or reading real credentials
+# (see FACTS.md, "Network hygiene").
+OFFLINE_ENV = {
+    "NO_GCE_CHECK": "true",
+    "GCE_METADATA_HOST": "127.0.0.1:1",
+    "GCE_METADATA_IP": "127.0.0.1:1",
+}
+
+
+@dataclasses.dataclass
+class Database:
+    """One throwaway database on the real server, with helpers to fill it."""
+
+    name: str
+
+    def connect(self) -> pymysql.connections.Connection:
+        return pymysql.connect(
+            **DB_SETTINGS, database=self.name, charset="utf8mb4", autocommit=True
+        )
+
+    def execute(self, sql: str, args: Any = None) -> None:
+        with self.connect() as conn, conn.cursor() as cur:
+            cur.execute(sql, args)
+
+    def insert(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Insert users; each dict may leave columns out (schema defaults apply)."""
+        with self.connect() as conn, conn.cursor() as cur:
+            for row in rows:
+                row = {"phone_number": "+819012345678", **row}
+                cols = ", ".join(row)
+                marks = ", ".join(["%s"] * len(row))
+                cur.execute(f"INSERT INTO users ({cols}) VALUES ({marks})", list(row.values()))
+
+    def env(self) -> dict[str, str]:
+        return {
+            "DB_HOST": DB_SETTINGS["host"],
+            "DB_PORT": str(DB_SETTINGS["port"]),
+            "DB_USER": DB_SETTINGS["user"],
+            "DB_PASSWORD": DB_SETTINGS["password"],
+            "DB_NAME": self.name,
+        }
+
+
+def _admin() -> pymysql.connections.Connection:
+    try:
+        return pymysql.connect(**DB_SETTINGS, autocommit=True, connect_timeout=5)
+    except pymysql.err.OperationalError as exc:
+        # Never a skip: without the database the suite proves nothing.
+        pytest.fail(f"MariaDB at {DB_SETTINGS['host']}:{DB_SETTINGS['port']} unreachable: {exc}")
+
+
+def create_database(schema: str = SCHEMA) -> Database:
+    name = f"anpi_test_{uuid.uuid4().hex[:12]}"
+    with _admin() as conn, conn.cursor() as cur:
+        cur.execute(f"CREATE DATABASE {name} CHARACTER SET utf8mb4")
+    db = Database(name)
+    code = "\n".join(line for line in schema.splitlines() if not line.lstrip().startswith("--"))
+    with db.connect() as conn, conn.cursor() as cur:
+        for statement in filter(str.strip, code.split(";")):
+            cur.execute(statement)
+    return db
+
+
+def drop_database(db: Database) -> None:
+    with _admin() as conn, conn.cursor() as cur:
+        cur.execute(f"DROP DATABASE IF EXISTS {db.name}")
+
+
+@pytest.fixture
+def db() -> Iterator[Database]:
+    database = create_database()
+    try:
+        yield database
+    finally:
+        drop_database(database)
+
+
+@pytest.fixture
+def tasks_server() -> Iterator[FakeCloudTasks]:
+    server = FakeCloudTasks().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@dataclasses.dataclass
+class JobResult:
+    code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        return json.loads(self.stdout.strip().splitlines()[-1])
+
+    @property
+    def plan(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.stdout.strip().splitlines()[:-1]]
+
+
+def job_env(
+    db: Database | None = None, server: FakeCloudTasks | None = None, **extra: str
+) -> dict[str, str]:
+    """A clean environment for the job: nothing inherited but PATH."""
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": "/nonexistent", **OFFLINE_ENV}
+    if db is not None:
+        env.update(db.env())
+    if server is not None:
+        env.update(
+            GOOGLE_CLOUD_PROJECT=PROJECT,
+            ANPI_CALL_URL=CALL_URL,
+            CLOUD_TASKS_EMULATOR_HOST=server.address,
+        )
+    env.update(extra)
+    return env
+
+
+def run_job(
+    args: Sequence[str], env: dict[str, str], cwd: Path | None = None, timeout: float = 120
+) -> JobResult:
+    """Run `python main.py ARGS` as the scheduler would, in `cwd` (default: a temp dir)."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "main.py"), *args],
+        env=env,
+        cwd=cwd or ROOT / "tests",
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    return JobResult(proc.returncode, proc.stdout, proc.stderr)
