@@ -694,8 +694,9 @@ def _show_timedelta(value: dt.timedelta) -> str:
 def occurrence(day: dt.date, at: dt.time, zone: zoneinfo.ZoneInfo) -> dt.datetime:
     """The instant (in UTC) of wall-clock `at` on local `day`.
 
-    UTC, because aware datetimes in a fold compare unequal across zones (PEP 495). A time inside a DST gap moves forward by the gap, an ambiguous one takes its first
-    occurrence: both are what fold=0 means (PEP 495) once converted to UTC.
+    A time inside a DST gap moves forward by the gap, an ambiguous one takes its first
+    occurrence: both are what fold=0 means (PEP 495) once converted to UTC. Instants stay
+    in UTC because aware datetimes in a fold compare unequal across zones.
     """
     return dt.datetime.combine(day, at, tzinfo=zone).astimezone(UTC)
 
