@@ -1,0 +1,45 @@
+# anpi-call-scheduler: every entry point creates or reuses its virtualenvs first,
+# so `make demo` and `make test` work on a fresh clone with nothing else run before.
+PYTHON ?= python3
+VENV := .venv
+EMULATOR_VENV := .venv-emulator
+PY := $(VENV)/bin/python
+
+.PHONY: help test lint pytest demo bench clean
+
+help:
+	@echo "make demo   run the job end to end on a local stack (MariaDB, Cloud Tasks emulator, webhook)"
+	@echo "make test   lint and run the whole test suite"
+	@echo "make bench  measure throughput and memory (writes a table for the README)"
+	@echo "make clean  remove the virtualenvs and caches"
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || { \
+	  echo "python3 cannot create virtualenvs; fix with: sudo apt-get install -y python3-venv" >&2; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	@touch $@
+
+$(EMULATOR_VENV)/.installed: requirements-emulator.txt
+	$(PYTHON) -m venv $(EMULATOR_VENV)
+	$(EMULATOR_VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements-emulator.txt
+	@touch $@
+
+lint: $(VENV)/.installed
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check main.py
+	$(PY) -m mypy main.py
+
+pytest: $(VENV)/.installed $(EMULATOR_VENV)/.installed
+	$(PY) -m pytest
+
+test: lint pytest
+
+demo: $(VENV)/.installed $(EMULATOR_VENV)/.installed
+	$(PY) tools/demo.py
+
+bench: $(VENV)/.installed
+	$(PY) tools/bench.py
+
+clean:
+	rm -rf $(VENV) $(EMULATOR_VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
