@@ -10,6 +10,7 @@ Run: python main.py [--dry-run] [--now ISO8601]   (settings: environment or .env
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
@@ -25,7 +26,7 @@ import time
 import unicodedata
 import urllib.parse
 import zoneinfo
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, NamedTuple
 
@@ -34,6 +35,7 @@ from dotenv import dotenv_values
 from google.api_core import exceptions as gexc
 from google.api_core import retry as retries
 from google.api_core import timeout as timeouts
+from google.auth import exceptions as auth_exceptions
 
 UTC = dt.UTC
 DAY_SECONDS = 86_400
@@ -379,24 +381,42 @@ def connect(config: Config) -> Any:
         raise DatabaseError(f"cannot connect to the database: {exc}") from exc
 
 
-def read_rows(conn: Any, config: Config, window: Window) -> Iterator[UserRow]:
+def read_rows(conn: Any, config: Config, window: Window) -> Generator[UserRow, None, None]:
     """Stream the active rows whose call can fall in `window`, this shard's only.
 
     One query per distinct `timezone` value (see `zone_query`), each a range scan of
-    the index on (is_active, timezone, call_time).
+    the index on (is_active, timezone, call_time), read through an unbuffered cursor.
     """
     try:
         with conn.cursor() as cur:
             cur.execute("SELECT DISTINCT timezone FROM users WHERE is_active = 1")
             zone_values = [value for (value,) in cur.fetchall()]
         for value in zone_values:
-            sql, args = zone_query(value, config, window)
-            with conn.cursor() as cur:
-                cur.execute(sql, args)
+            cur = conn.cursor()
+            finished = False
+            try:
+                cur.execute(*zone_query(value, config, window))
                 for row in cur:
                     yield UserRow(*row)
+                finished = True
+            finally:
+                if finished:
+                    cur.close()
+                else:
+                    _abandon(cur)
     except pymysql.err.MySQLError as exc:
         raise DatabaseError(f"lost the database while reading users: {exc}") from exc
+
+
+def _abandon(cursor: Any) -> None:
+    """Drop an unbuffered result part-way without reading the rest.
+
+    PyMySQL would otherwise drain it on close or garbage collection, which is slow on a
+    live connection (a stop part-way) and raises on a lost one.
+    """
+    result = getattr(cursor, "_result", None)
+    if result is not None:
+        result.unbuffered_active = False
 
 
 def zone_query(zone_value: object, config: Config, window: Window) -> tuple[str, list[Any]]:
@@ -781,8 +801,6 @@ def make_tasks_client(config: Config) -> Any:
 
         channel = grpc.insecure_channel(config.emulator_host)
         return tasks_v2.CloudTasksClient(transport=CloudTasksGrpcTransport(channel=channel))
-    from google.auth import exceptions as auth_exceptions
-
     try:
         return tasks_v2.CloudTasksClient()
     except auth_exceptions.DefaultCredentialsError as exc:
@@ -870,6 +888,8 @@ class TaskSink:
             ) from exc
         except gexc.Unauthenticated as exc:
             raise FatalQueueError(f"Cloud Tasks rejected the credentials: {exc.message}") from exc
+        except auth_exceptions.GoogleAuthError as exc:
+            raise FatalQueueError(f"no usable Google credentials for Cloud Tasks: {exc}") from exc
         except gexc.GoogleAPICallError as exc:
             log.error(
                 "could not create task: %s %s",
@@ -953,24 +973,38 @@ class RunSummary:
 
 
 def plan(
-    rows: Iterator[UserRow], config: Config, window: Window, summary: RunSummary
+    rows: Iterator[UserRow],
+    config: Config,
+    window: Window,
+    summary: RunSummary,
+    stop: threading.Event,
 ) -> list[Call]:
-    """Validate and plan every row, counting scanned and invalid ones."""
+    """Validate and plan every row, counting scanned and invalid ones.
+
+    A database failure part-way is recorded in `summary.error`, and the calls planned
+    before it are kept: they are still enqueued, and the next run completes the rest.
+    """
     calls: list[Call] = []
-    for row in rows:
-        summary.users_scanned += 1
-        try:
-            setting = parse_row(row, config.default_timezone)
-        except InvalidRow as reason:
-            summary.rows_invalid += 1
-            log.warning(
-                "invalid row skipped: %s",
-                reason,
-                extra={"user_id": row.id, "phone": mask_phone(row.phone_number)},
-            )
-            continue
-        if setting is not None:
-            calls.extend(plan_calls(setting, window))
+    try:
+        for row in rows:
+            if stop.is_set():
+                break
+            summary.users_scanned += 1
+            try:
+                setting = parse_row(row, config.default_timezone)
+            except InvalidRow as reason:
+                summary.rows_invalid += 1
+                log.warning(
+                    "invalid row skipped: %s",
+                    reason,
+                    extra={"user_id": row.id, "phone": mask_phone(row.phone_number)},
+                )
+                continue
+            if setting is not None:
+                calls.extend(plan_calls(setting, window))
+    except DatabaseError as exc:
+        summary.error = str(exc)
+        log.critical("%s", exc)
     summary.calls_planned = len(calls)
     return calls
 
@@ -1050,19 +1084,19 @@ def run(
             "dry_run": dry_run,
         },
     )
-    calls: list[Call] = []
     try:
         conn = connect(config)
-        try:
-            rows = read_rows(conn, config, window)
-            calls = plan(rows, config, window, summary)
-        finally:
-            conn.close()
     except DatabaseError as exc:
-        # Calls planned before the connection broke are still enqueued: the next run
-        # completes the rest, and names keep the two from overlapping.
         summary.error = str(exc)
         log.critical("%s", exc)
+        return summary
+    rows = read_rows(conn, config, window)
+    try:
+        calls = plan(rows, config, window, summary, stop)
+    finally:
+        rows.close()
+        with contextlib.suppress(pymysql.err.Error):  # already closed if the link broke
+            conn.close()
     if dry_run:
         for call in calls:
             out(json.dumps(call.plan_line(), ensure_ascii=False))
@@ -1145,6 +1179,7 @@ def main(
         )
         signalled.set()
         stop.set()
+        signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C ends the process at once
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, on_signal)

@@ -164,3 +164,20 @@ def run_job(
         timeout=timeout,
     )
     return JobResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+def start_job(args: Sequence[str], env: dict[str, str]) -> subprocess.Popen[str]:
+    """Start `python main.py ARGS` without waiting (signal and concurrency tests)."""
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "main.py"), *args],
+        env=env,
+        cwd=ROOT / "tests",
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish_job(proc: subprocess.Popen[str], timeout: float = 120) -> JobResult:
+    stdout, stderr = proc.communicate(timeout=timeout)
+    return JobResult(proc.returncode, stdout, stderr)

@@ -69,6 +69,7 @@ class FakeCloudTasks:
         self.tasks: dict[str, tasks_v2.Task] = {}
         self.tombstones: dict[str, float] = {}  # name -> time it is refused until
         self.rpcs: list[Rpc] = []
+        self.stored: list[str] = []  # every name a create stored, in order
         self.faults = Faults()
         self.tombstone_seconds = tombstone_seconds
         self._clock = clock
@@ -126,8 +127,9 @@ class FakeCloudTasks:
             return [json.loads(t.http_request.body) for t in self.tasks.values()]
 
     def created_names(self) -> list[str]:
-        """Names of every successful CreateTask, in order (a name twice = a double call)."""
-        return [r.name for r in self.rpcs if r.method == "CreateTask" and r.code == "OK"]
+        """Names of every task a create stored, in order (a name twice = a double call)."""
+        with self._lock:
+            return list(self.stored)
 
     def run_due(self, now: float | None = None) -> list[str]:
         """Dispatch (remove and tombstone) every task due at `now`, like Cloud Tasks."""
@@ -201,6 +203,7 @@ class FakeCloudTasks:
             stored = tasks_v2.Task(task)
             stored.create_time = _timestamp(now)
             self.tasks[task.name] = stored
+            self.stored.append(task.name)
             timeout = faults.timeout_after_store > 0
             if timeout:
                 faults.timeout_after_store -= 1

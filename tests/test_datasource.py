@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import threading
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
@@ -28,7 +29,7 @@ def planned(
     summary = RunSummary()
     conn = main.connect(cfg)
     try:
-        calls = main.plan(main.read_rows(conn, cfg, window), cfg, window, summary)
+        calls = main.plan(main.read_rows(conn, cfg, window), cfg, window, summary, threading.Event())
     finally:
         conn.close()
     return calls, summary
