@@ -236,6 +236,16 @@ def test_database_unreachable_fails_in_bounded_time() -> None:
     assert "cannot connect to the database within 3s" in result.summary["error"]
 
 
+def test_wrong_password_is_not_retried(db: Database) -> None:
+    started = time.monotonic()
+    env = job_env(db, DB_USER="anpi_nobody", DB_PASSWORD="wrong", DB_RETRY_SECONDS="30")
+    result = run_job(["--dry-run", "--now", NOW], env)
+    assert time.monotonic() - started < 10  # a permanent error: no 30 s of retries
+    assert result.code == 1
+    assert "Access denied" in result.summary["error"]
+    assert "wrong" not in result.stdout + result.stderr.replace("wrong password", "")
+
+
 def test_connection_killed_mid_read_exits_1_and_a_rerun_completes(
     db: Database, tasks_server: FakeCloudTasks
 ) -> None:
