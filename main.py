@@ -26,7 +26,7 @@ import time
 import unicodedata
 import urllib.parse
 import zoneinfo
-from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, NamedTuple
 
@@ -344,6 +344,9 @@ def connect(config: Config) -> Any:
         "read_timeout": config.db_read_timeout,
         "cursorclass": pymysql.cursors.SSCursor,
         "autocommit": True,
+        # Rows stream while tasks are created; a slow enqueue must not make the server
+        # give up on a reader that pauses (MySQL's default is 60 s).
+        "init_command": "SET SESSION net_write_timeout = 600",
     }
     if config.db_socket:
         kwargs["unix_socket"] = config.db_socket
@@ -963,6 +966,11 @@ class RunSummary:
         undone = self.tasks_failed or self.tasks_not_attempted
         return 1 if (undone or self.error or self.interrupted) else 0
 
+    def fail(self, message: str) -> None:
+        """Record a run-level failure (the first one wins) and log it."""
+        log.critical("%s", message)
+        self.error = self.error or message
+
     def count(self, outcome: str) -> None:
         if outcome == CREATED:
             self.tasks_created += 1
@@ -978,17 +986,17 @@ def plan(
     window: Window,
     summary: RunSummary,
     stop: threading.Event,
-) -> list[Call]:
-    """Validate and plan every row, counting scanned and invalid ones.
+) -> Iterator[Call]:
+    """Validate and plan rows as they stream in, counting scanned, invalid and planned.
 
-    A database failure part-way is recorded in `summary.error`, and the calls planned
-    before it are kept: they are still enqueued, and the next run completes the rest.
+    Nothing is held: memory stays flat however large the table. A stop signal ends the
+    stream. So does a database failure, recorded in `summary`; the calls yielded
+    before it are still enqueued, and the next run completes the rest.
     """
-    calls: list[Call] = []
     try:
         for row in rows:
             if stop.is_set():
-                break
+                return
             summary.users_scanned += 1
             try:
                 setting = parse_row(row, config.default_timezone)
@@ -1001,60 +1009,81 @@ def plan(
                 )
                 continue
             if setting is not None:
-                calls.extend(plan_calls(setting, window))
+                for call in plan_calls(setting, window):
+                    summary.calls_planned += 1
+                    yield call
     except DatabaseError as exc:
-        summary.error = str(exc)
-        log.critical("%s", exc)
-    summary.calls_planned = len(calls)
-    return calls
+        summary.fail(str(exc))
 
 
 def enqueue(
-    sink: TaskSink,
-    calls: Sequence[Call],
+    make_sink: Callable[[], TaskSink],
+    calls: Iterable[Call],
     config: Config,
     summary: RunSummary,
     stop: threading.Event,
 ) -> None:
-    """Create every call's task with a bounded number in flight and a rate cap."""
+    """Create every call's task: at most ENQUEUE_CONCURRENCY in flight, rate-capped.
+
+    The sink is made at the first call, so a run with nothing to do needs no queue.
+    After a fatal queue error the remaining calls are counted, not tried.
+    """
     slots = threading.BoundedSemaphore(config.enqueue_concurrency)
     limiter = RateLimiter(config.enqueue_max_per_second)
     lock = threading.Lock()
-    fatal: list[str] = []
+    fatal = threading.Event()
+    sink: TaskSink | None = None
+
+    def give_up(exc: FatalQueueError) -> None:
+        with lock:
+            summary.tasks_not_attempted += 1
+            if not fatal.is_set():
+                fatal.set()
+                summary.fail(str(exc))
 
     def done(future: Future[str]) -> None:
         slots.release()
         exc = future.exception()
+        if isinstance(exc, FatalQueueError):
+            give_up(exc)
+            return
         with lock:
-            if isinstance(exc, FatalQueueError):
-                if not fatal:
-                    fatal.append(str(exc))
-                    log.critical("%s", exc)
-                stop.set()
-                summary.tasks_not_attempted += 1
-            elif exc is not None:
+            if exc is not None:
                 log.error("unexpected error creating a task: %r", exc)
                 summary.tasks_failed += 1
             else:
                 summary.count(future.result())
 
-    submitted = 0
+    def not_attempted() -> None:
+        with lock:
+            summary.tasks_not_attempted += 1
+
+    def wait_for_slot() -> bool:
+        while not slots.acquire(timeout=0.2):
+            if stop.is_set():
+                return False
+        return True
+
     with ThreadPoolExecutor(config.enqueue_concurrency, thread_name_prefix="enqueue") as pool:
         for call in calls:
-            while not slots.acquire(timeout=0.2):
-                if stop.is_set():
-                    break
-            else:
-                if not stop.is_set():
-                    limiter.wait()
-                    pool.submit(sink.create, call).add_done_callback(done)
-                    submitted += 1
+            if stop.is_set():
+                not_attempted()
+                break
+            if sink is None and not fatal.is_set():
+                try:
+                    sink = make_sink()
+                except FatalQueueError as exc:
+                    give_up(exc)
                     continue
-                slots.release()
-            break
-    summary.tasks_not_attempted += len(calls) - submitted
-    if fatal:
-        summary.error = fatal[0]
+            if fatal.is_set():
+                not_attempted()
+                continue
+            if not wait_for_slot():
+                not_attempted()
+                break
+            assert sink is not None
+            limiter.wait()
+            pool.submit(sink.create, call).add_done_callback(done)
 
 
 def run(
@@ -1066,7 +1095,7 @@ def run(
     stop: threading.Event,
     out: Callable[[str], None],
 ) -> RunSummary:
-    """One whole run: read, plan, then enqueue (or print the plan)."""
+    """One whole run: stream rows, plan them, and enqueue (or print) each call."""
     window = Window.around(now, config.grace, config.lookahead)
     summary = RunSummary(
         dry_run=dry_run,
@@ -1087,31 +1116,24 @@ def run(
     try:
         conn = connect(config)
     except DatabaseError as exc:
-        summary.error = str(exc)
-        log.critical("%s", exc)
+        summary.fail(str(exc))
         return summary
     rows = read_rows(conn, config, window)
     try:
         calls = plan(rows, config, window, summary, stop)
+        if dry_run:
+            for call in calls:
+                out(json.dumps(call.plan_line(), ensure_ascii=False))
+        else:
+
+            def make_sink() -> TaskSink:
+                return TaskSink(tasks_client or make_tasks_client(config), config, stop)
+
+            enqueue(make_sink, calls, config, summary, stop)
     finally:
         rows.close()
         with contextlib.suppress(pymysql.err.Error):  # already closed if the link broke
             conn.close()
-    if dry_run:
-        for call in calls:
-            out(json.dumps(call.plan_line(), ensure_ascii=False))
-        return summary
-    if calls:
-        try:
-            client = tasks_client or make_tasks_client(config)
-        except FatalQueueError as exc:
-            summary.error = summary.error or str(exc)
-            summary.tasks_not_attempted = len(calls)
-            log.critical("%s", exc)
-            return summary
-        db_error = summary.error
-        enqueue(TaskSink(client, config, stop), calls, config, summary, stop)
-        summary.error = db_error or summary.error
     return summary
 
 

@@ -29,7 +29,8 @@ def planned(
     summary = RunSummary()
     conn = main.connect(cfg)
     try:
-        calls = main.plan(main.read_rows(conn, cfg, window), cfg, window, summary, threading.Event())
+        rows = main.read_rows(conn, cfg, window)
+        calls = list(main.plan(rows, cfg, window, summary, threading.Event()))
     finally:
         conn.close()
     return calls, summary

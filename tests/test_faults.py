@@ -186,7 +186,9 @@ def test_signal_stops_new_work_and_a_rerun_completes(
     assert first.code == 1
     assert first.summary["interrupted"] is True
     assert 0 < first.summary["tasks_created"] < 40
-    assert first.summary["tasks_created"] + first.summary["tasks_not_attempted"] == 40
+    # Reading stopped too: what was planned was either created or counted as not attempted.
+    planned = first.summary["calls_planned"]
+    assert first.summary["tasks_created"] + first.summary["tasks_not_attempted"] == planned < 40
     assert first.summary["tasks_failed"] == 0
     assert "finishing in-flight tasks" in first.stderr
 
