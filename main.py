@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime as dt
+import functools
 import hashlib
 import ipaddress
 import json
@@ -556,6 +557,12 @@ def parse_weekdays(value: object) -> frozenset[int]:
         value = _decode(value, "call_weekdays")
     if not isinstance(value, str):
         raise InvalidRow(f"call_weekdays has type {type(value).__name__}")
+    return _weekdays_of(value)
+
+
+@functools.lru_cache(maxsize=4096)
+def _weekdays_of(value: str) -> frozenset[int]:
+    """parse_weekdays for text; cached, because a few spellings cover most rows."""
     text = unicodedata.normalize("NFKC", value).lower().strip()
     if not text:
         return frozenset()
@@ -726,17 +733,28 @@ def occurrence(day: dt.date, at: dt.time, zone: zoneinfo.ZoneInfo) -> dt.datetim
 
 def occurrences(setting: CallSetting, window: Window) -> list[dt.datetime]:
     """Every call instant (UTC) of `setting` inside `window`, at most one per local date."""
-    first = window.start.astimezone(setting.zone).date() - dt.timedelta(days=1)
-    last = window.end.astimezone(setting.zone).date() + dt.timedelta(days=1)
+    return [
+        instant
+        for weekday, instant in _instants_in(setting.call_time, setting.zone, window)
+        if weekday in setting.weekdays
+    ]
+
+
+@functools.lru_cache(maxsize=16384)
+def _instants_in(
+    at: dt.time, zone: zoneinfo.ZoneInfo, window: Window
+) -> tuple[tuple[int, dt.datetime], ...]:
+    """(weekday of the local date, instant) of wall time `at` on each local date whose
+    occurrence lies in `window`; cached, because many users share a call time."""
+    day = window.start.astimezone(zone).date() - dt.timedelta(days=1)
+    last = window.end.astimezone(zone).date() + dt.timedelta(days=1)
     found = []
-    day = first
     while day <= last:
-        if day.weekday() in setting.weekdays:
-            instant = occurrence(day, setting.call_time, setting.zone)
-            if window.start <= instant < window.end:
-                found.append(instant)
+        instant = occurrence(day, at, zone)
+        if window.start <= instant < window.end:
+            found.append((day.weekday(), instant))
         day += dt.timedelta(days=1)
-    return found
+    return tuple(found)
 
 
 def task_id(user_id: int, instant: dt.datetime, retry: int = 0) -> str:
@@ -745,9 +763,14 @@ def task_id(user_id: int, instant: dt.datetime, retry: int = 0) -> str:
     The short hash first spreads names across Cloud Tasks' key space (sequential or
     timestamp-prefixed names raise its latency); `retry` > 0 names an alternative.
     """
-    stamp = instant.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
+    stamp = _utc_stamp(instant)
     digest = hashlib.sha256(f"{user_id}@{stamp}".encode()).hexdigest()[:8]
     return f"{digest}-anpi-{user_id}-{stamp}" + (f"-r{retry}" if retry else "")
+
+
+@functools.lru_cache(maxsize=16384)
+def _utc_stamp(instant: dt.datetime) -> str:
+    return instant.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
 
 
 def plan_calls(setting: CallSetting, window: Window) -> list[Call]:
@@ -1123,7 +1146,7 @@ def run(
         calls = plan(rows, config, window, summary, stop)
         if dry_run:
             for call in calls:
-                out(json.dumps(call.plan_line(), ensure_ascii=False))
+                out(json.dumps(call.plan_line()))
         else:
 
             def make_sink() -> TaskSink:
@@ -1207,8 +1230,15 @@ def main(
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
 
+    try:
+        # Buffered even under PYTHONUNBUFFERED (set in the image for the logs): a dry run
+        # can print a hundred thousand plan lines.
+        stdout: Any = open(sys.stdout.fileno(), "w", 1 << 16, "utf-8", closefd=False)  # noqa: SIM115
+    except (AttributeError, OSError, ValueError):  # no real file behind sys.stdout
+        stdout = sys.stdout
+
     def out(line: str) -> None:
-        print(line, flush=True)
+        stdout.write(line + "\n")
 
     try:
         summary = run(
@@ -1224,6 +1254,7 @@ def main(
         summary = RunSummary(error="unexpected error (see log)")
     summary.interrupted = signalled.is_set()
     out(json.dumps(dataclasses.asdict(summary), ensure_ascii=False))
+    stdout.flush()
     log.info("run finished", extra={"exit_code": summary.exit_code})
     return summary.exit_code
 
