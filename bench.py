@@ -135,7 +135,9 @@ def main() -> None:
             print(f"dry run over {name} ...", file=sys.stderr)
             dry[name] = run_job(["--dry-run", "--now", NOW], job_env(None, **db_env(name)))
         print("dry run over an empty window ...", file=sys.stderr)
-        empty = run_job(["--dry-run", "--now", EMPTY_NOW], job_env(None, **db_env("anpi_bench_1m_empty")))
+        empty = run_job(
+            ["--dry-run", "--now", EMPTY_NOW], job_env(None, **db_env("anpi_bench_1m_empty"))
+        )
     finally:
         for name in ("anpi_bench_5k", "anpi_bench_100k", "anpi_bench_1m", "anpi_bench_1m_empty"):
             drop(name)
@@ -150,21 +152,26 @@ def main() -> None:
         (version,) = cur.fetchone()
     print(
         f"\nMachine: {os.cpu_count()} cores ({cpu}), Python {platform.python_version()},"
-        f" MariaDB {version}; Cloud Tasks: in-tests gRPC server, +{LATENCY * 1000:.0f} ms per RPC.\n"
+        f" MariaDB {version};\nCloud Tasks: the in-tests gRPC server,"
+        f" +{LATENCY * 1000:.0f} ms per RPC.\n"
     )
     print("| run | rows read | calls | wall time | tasks/s | peak RSS |")
     print("|---|---:|---:|---:|---:|---:|")
 
     def row(label: str, m: Measured, rate: bool = False) -> None:
         s = m.summary
-        tps = f"{s['tasks_created'] / m.wall:,.0f}" if rate else "–"
+        tps = f"{s['tasks_created'] / m.wall:,.0f}" if rate else "-"
         print(
             f"| {label} | {s['users_scanned']:,} | {s['calls_planned']:,} | {m.wall:.2f} s"
             f" | {tps} | {m.peak_rss_mb:.0f} MB |"
         )
 
     row("enqueue 5,000 due calls, `ENQUEUE_CONCURRENCY=1`", serial, rate=True)
-    row(f"enqueue 5,000 due calls, `ENQUEUE_CONCURRENCY={default_concurrency}` (default)", parallel, rate=True)
+    row(
+        f"enqueue 5,000 due calls, `ENQUEUE_CONCURRENCY={default_concurrency}` (default)",
+        parallel,
+        rate=True,
+    )
     row("`--dry-run`, 100,000 users, calls spread over the day", dry["anpi_bench_100k"])
     row("`--dry-run`, 1,000,000 users, calls spread over the day", dry["anpi_bench_1m"])
     row("`--dry-run`, 1,000,000 users, no call in the window", empty)

@@ -97,6 +97,7 @@ class Config:
     enqueue_concurrency: int = 32
     enqueue_max_per_second: float = 500.0
     enqueue_deadline_seconds: float = 60.0
+    reconcile: bool = True
 
     @property
     def queue_path(self) -> str:
@@ -178,6 +179,9 @@ class Config:
         log_json = log_format == "json" or (log_format == "auto" and "CLOUD_RUN_JOB" in env)
 
         rate = integer("ENQUEUE_MAX_PER_SECOND", 500, 0, 100_000)
+        reconcile = text("RECONCILE", "1")
+        if reconcile not in ("0", "1"):
+            errors.append(f"RECONCILE={reconcile!r} must be 1 (on) or 0 (off)")
         config = cls(
             project=project,
             location=text("CLOUD_TASKS_LOCATION", "asia-northeast1") or "",
@@ -205,6 +209,7 @@ class Config:
             # 0 lifts the cap (benchmarks); Cloud Tasks asks for ramp-up above 500/s.
             enqueue_max_per_second=float(rate),
             enqueue_deadline_seconds=integer("ENQUEUE_DEADLINE_SECONDS", 60, 1, 600),
+            reconcile=reconcile != "0",
         )
         if errors:
             raise ConfigError("invalid configuration: " + "; ".join(errors))
@@ -768,6 +773,32 @@ def task_id(user_id: int, instant: dt.datetime, retry: int = 0) -> str:
     return f"{digest}-anpi-{user_id}-{stamp}" + (f"-r{retry}" if retry else "")
 
 
+class TaskName(NamedTuple):
+    """What a task id of this job says: whose call, when, and which alternative."""
+
+    user_id: int
+    instant: dt.datetime
+    retry: int
+
+    @property
+    def base_id(self) -> str:
+        return task_id(self.user_id, self.instant)
+
+
+def parse_task_id(value: str) -> TaskName | None:
+    """The TaskName of an id this job made, or None for any other id (never touched)."""
+    m = TASK_ID_RE.fullmatch(value)
+    if m is None:
+        return None
+    try:
+        instant = dt.datetime.strptime(m[3], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+    except ValueError:
+        return None
+    name = TaskName(int(m[2]), instant, int(m[4] or 0))
+    # The hash must match too, so a look-alike id from elsewhere is not ours.
+    return name if task_id(name.user_id, instant, name.retry) == value else None
+
+
 @functools.lru_cache(maxsize=16384)
 def _utc_stamp(instant: dt.datetime) -> str:
     return instant.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -833,13 +864,30 @@ def make_tasks_client(config: Config) -> Any:
         raise FatalQueueError(f"no Google credentials for Cloud Tasks: {exc}") from exc
 
 
-class TaskSink:
-    """Creates call tasks on one queue; each create's outcome comes back as a value."""
+MAX_ALTERNATIVES = 3
 
-    def __init__(self, client: Any, config: Config, stop: threading.Event) -> None:
+
+class TaskSink:
+    """One queue's tasks: create, look up, list and delete, outcomes returned as values.
+
+    Fatal errors (no queue, no credentials) raise FatalQueueError instead: every
+    further call would meet them too.
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        config: Config,
+        stop: threading.Event,
+        now: dt.datetime,
+        pending: Mapping[str, set[str]] | None = None,
+    ) -> None:
+        """`pending`: task ids already on the queue by base id (from `list_own`), if known."""
         self._client = client
         self._config = config
         self._stop = stop
+        self._now = now
+        self._pending = pending or {}
         self._retry = retries.Retry(
             predicate=retries.if_exception_type(
                 gexc.ServiceUnavailable,
@@ -863,8 +911,32 @@ class TaskSink:
         if self._stop.is_set():
             raise exc
 
-    def build_task(self, call: Call) -> Any:
-        """The typed Cloud Tasks HTTP task for `call`."""
+    @contextlib.contextmanager
+    def _fatal_errors(self, task_gone_ok: bool = False) -> Iterator[None]:
+        """Turn errors that every further call would meet into FatalQueueError."""
+        try:
+            yield
+        except gexc.NotFound as exc:
+            # For GetTask/DeleteTask a NotFound usually means the task, not the queue.
+            if task_gone_ok and "queue" not in (exc.message or "").lower():
+                raise
+            raise FatalQueueError(
+                f"Cloud Tasks queue {self._config.queue_path} not found: {exc.message}"
+            ) from exc
+        except gexc.Unauthenticated as exc:
+            raise FatalQueueError(f"Cloud Tasks rejected the credentials: {exc.message}") from exc
+        except auth_exceptions.GoogleAuthError as exc:
+            raise FatalQueueError(f"no usable Google credentials for Cloud Tasks: {exc}") from exc
+
+    def _rpc(self, method: str, request: Any, task_gone_ok: bool = False) -> Any:
+        """Call one Cloud Tasks method with the retry policy."""
+        with self._fatal_errors(task_gone_ok):
+            return getattr(self._client, method)(
+                request=request, retry=self._retry, timeout=self._timeout
+            )
+
+    def build_task(self, call: Call, name: str) -> Any:
+        """The typed Cloud Tasks HTTP task for `call` under task id `name`."""
         from google.cloud import tasks_v2
         from google.protobuf import timestamp_pb2
 
@@ -872,7 +944,7 @@ class TaskSink:
             "user_id": call.user_id,
             "phone_number": call.phone_number,
             "scheduled_at": call.scheduled_at,
-            "task_id": call.task_id,
+            "task_id": name,
         }
         request = tasks_v2.HttpRequest(
             url=self._config.call_url,
@@ -888,50 +960,99 @@ class TaskSink:
         schedule = timestamp_pb2.Timestamp()
         schedule.FromDatetime(call.instant)
         return tasks_v2.Task(
-            name=f"{self._config.queue_path}/tasks/{call.task_id}",
+            name=f"{self._config.queue_path}/tasks/{name}",
             http_request=request,
             schedule_time=schedule,
         )
 
     def create(self, call: Call) -> str:
-        """Create the task for `call`: CREATED, EXISTING or FAILED.
+        """Make sure `call` is on the queue exactly once: CREATED, EXISTING or FAILED.
 
-        Raises FatalQueueError when the queue itself is unusable.
+        ALREADY_EXISTS means done for a call due now or earlier (it ran). For a future
+        call the name may instead be a tombstone of a task deleted within the hour
+        (Cloud Tasks refuses such names): GetTask tells, and a gone task is created
+        under the next deterministic alternative id (`-r1`, `-r2`, ...).
         """
         from google.cloud import tasks_v2
 
-        request = tasks_v2.CreateTaskRequest(
-            parent=self._config.queue_path, task=self.build_task(call)
-        )
+        if self._pending.get(call.task_id):
+            return EXISTING  # listed on the queue by this run: no RPC needed
+        extra = {"user_id": call.user_id, "task_id": call.task_id}
         try:
-            self._client.create_task(request=request, retry=self._retry, timeout=self._timeout)
-            return CREATED
-        except gexc.AlreadyExists:
-            return EXISTING
-        except gexc.NotFound as exc:
-            raise FatalQueueError(
-                f"Cloud Tasks queue {self._config.queue_path} not found: {exc.message}"
-            ) from exc
-        except gexc.Unauthenticated as exc:
-            raise FatalQueueError(f"Cloud Tasks rejected the credentials: {exc.message}") from exc
-        except auth_exceptions.GoogleAuthError as exc:
-            raise FatalQueueError(f"no usable Google credentials for Cloud Tasks: {exc}") from exc
-        except gexc.GoogleAPICallError as exc:
-            log.error(
-                "could not create task: %s %s",
-                type(exc).__name__,
-                exc.message,
-                extra={"user_id": call.user_id, "task_id": call.task_id},
-            )
+            for retry in range(MAX_ALTERNATIVES + 1):
+                name = task_id(call.user_id, call.instant, retry)
+                request = tasks_v2.CreateTaskRequest(
+                    parent=self._config.queue_path, task=self.build_task(call, name)
+                )
+                try:
+                    self._rpc("create_task", request)
+                    return CREATED
+                except gexc.AlreadyExists:
+                    if call.instant <= self._now or self.exists(name):
+                        return EXISTING
+                    log.warning(
+                        "task name refused but the task is gone (deleted within the hour);"
+                        " creating it under an alternative id",
+                        extra={**extra, "refused": name},
+                    )
+            log.error("every alternative task id was refused", extra=extra)
             return FAILED
         except gexc.RetryError as exc:
             log.error(
                 "could not create task within %ss: %s",
                 self._config.enqueue_deadline_seconds,
                 exc.cause,
-                extra={"user_id": call.user_id, "task_id": call.task_id},
+                extra=extra,
             )
             return FAILED
+        except gexc.GoogleAPICallError as exc:
+            log.error("could not create task: %s %s", type(exc).__name__, exc.message, extra=extra)
+            return FAILED
+
+    def exists(self, name: str) -> bool:
+        """Whether task id `name` is on the queue now (GetTask)."""
+        from google.cloud import tasks_v2
+
+        request = tasks_v2.GetTaskRequest(name=f"{self._config.queue_path}/tasks/{name}")
+        try:
+            self._rpc("get_task", request, task_gone_ok=True)
+            return True
+        except gexc.NotFound:
+            return False
+
+    def delete(self, name: str) -> bool:
+        """Delete task id `name`; False when it was already gone (ran or deleted)."""
+        from google.cloud import tasks_v2
+
+        request = tasks_v2.DeleteTaskRequest(name=f"{self._config.queue_path}/tasks/{name}")
+        try:
+            self._rpc("delete_task", request, task_gone_ok=True)
+            return True
+        except gexc.NotFound:
+            return False
+
+    def list_own(self, window: Window) -> dict[str, set[str]]:
+        """This job's tasks of this shard scheduled in `window`, by base id.
+
+        ListTasks pages through the whole queue (1,000 a page, the largest allowed:
+        the quota is 600 list calls a minute); other ids are never considered.
+        """
+        from google.cloud import tasks_v2
+
+        config = self._config
+        request = tasks_v2.ListTasksRequest(
+            parent=config.queue_path, page_size=1000, response_view=tasks_v2.Task.View.BASIC
+        )
+        own: dict[str, set[str]] = {}
+        with self._fatal_errors():  # later pages are fetched while iterating
+            for task in self._rpc("list_tasks", request):
+                short = task.name.rsplit("/", 1)[-1]
+                name = parse_task_id(short)
+                if name is None or name.user_id % config.task_count != config.task_index:
+                    continue
+                if window.start <= task.schedule_time < window.end:
+                    own.setdefault(name.base_id, set()).add(short)
+        return own
 
 
 class RateLimiter:
@@ -971,6 +1092,8 @@ class RunSummary:
     tasks_existing: int = 0
     tasks_failed: int = 0
     tasks_not_attempted: int = 0
+    tasks_deleted: int = 0
+    deletes_failed: int = 0
     rows_invalid: int = 0
     dry_run: bool = False
     shard: str = "0/1"
@@ -983,15 +1106,17 @@ class RunSummary:
     def exit_code(self) -> int:
         """0 when every planned call is on the queue (or a dry run planned cleanly).
 
-        1 when anything was left undone: a failed or unattempted task, a database or
-        queue error, or a stop by signal. Invalid rows are reported, not failed on.
+        1 when anything was left undone: a failed or unattempted task, a stale task that
+        could not be deleted, a database or queue error, or a stop by signal. Invalid
+        rows are reported, not failed on.
         """
-        undone = self.tasks_failed or self.tasks_not_attempted
+        undone = self.tasks_failed or self.tasks_not_attempted or self.deletes_failed
         return 1 if (undone or self.error or self.interrupted) else 0
 
     def fail(self, message: str) -> None:
-        """Record a run-level failure (the first one wins) and log it."""
-        log.critical("%s", message)
+        """Record a run-level failure (the first one wins); log each distinct one once."""
+        if message != self.error:
+            log.critical("%s", message)
         self.error = self.error or message
 
     def count(self, outcome: str) -> None:
@@ -1009,12 +1134,14 @@ def plan(
     window: Window,
     summary: RunSummary,
     stop: threading.Event,
+    invalid_users: set[int] | None = None,
 ) -> Iterator[Call]:
     """Validate and plan rows as they stream in, counting scanned, invalid and planned.
 
     Nothing is held: memory stays flat however large the table. A stop signal ends the
     stream. So does a database failure, recorded in `summary`; the calls yielded
-    before it are still enqueued, and the next run completes the rest.
+    before it are still enqueued, and the next run completes the rest. The ids of
+    invalid rows go to `invalid_users`, so that reconciling leaves their tasks alone.
     """
     try:
         for row in rows:
@@ -1025,6 +1152,8 @@ def plan(
                 setting = parse_row(row, config.default_timezone)
             except InvalidRow as reason:
                 summary.rows_invalid += 1
+                if invalid_users is not None:
+                    invalid_users.add(row.id)
                 log.warning(
                     "invalid row skipped: %s",
                     reason,
@@ -1109,6 +1238,74 @@ def enqueue(
             pool.submit(sink.create, call).add_done_callback(done)
 
 
+class Stale(NamedTuple):
+    """A listed task the plan no longer wants."""
+
+    task_id: str
+    user_id: int
+    reason: str
+
+    def plan_line(self) -> dict[str, Any]:
+        return {"delete": self.task_id, "user_id": self.user_id, "reason": self.reason}
+
+
+def stale_tasks(
+    pending: Mapping[str, set[str]],
+    planned: set[str],
+    planned_users: set[int],
+    invalid_users: set[int],
+) -> list[Stale]:
+    """The listed tasks of this shard and window that the plan does not contain.
+
+    `pending` maps base ids to the ids on the queue. A planned call keeps one task; any
+    further one for it would call twice. A user whose row is invalid this run keeps
+    their tasks: a typo in the table must not cancel a call.
+    """
+    stale = []
+    for base, ids in pending.items():
+        name = parse_task_id(base)
+        assert name is not None
+        if base in planned:
+            keep, *extra = sorted(ids)
+            stale += [Stale(i, name.user_id, f"duplicate of {keep}") for i in extra]
+        elif name.user_id in invalid_users:
+            log.warning(
+                "kept the tasks of an invalid row", extra={"user_id": name.user_id, "task_id": base}
+            )
+        else:
+            reason = (
+                "call time or weekday changed"
+                if name.user_id in planned_users
+                else "no call in the window: user inactive, removed or schedule changed"
+            )
+            stale += [Stale(i, name.user_id, reason) for i in sorted(ids)]
+    return stale
+
+
+def delete_stale(
+    sink: TaskSink, stale: Sequence[Stale], config: Config, summary: RunSummary
+) -> None:
+    """Delete each stale task, ENQUEUE_CONCURRENCY at a time, counting the outcomes."""
+
+    def delete(item: Stale) -> bool | None:
+        extra = {"user_id": item.user_id, "task_id": item.task_id, "reason": item.reason}
+        try:
+            gone = sink.delete(item.task_id)
+        except (gexc.GoogleAPICallError, gexc.RetryError, FatalQueueError) as exc:
+            log.error("could not delete a stale task: %s", exc, extra=extra)
+            return None
+        if gone:
+            log.info("deleted a stale task", extra=extra)
+        return gone
+
+    with ThreadPoolExecutor(config.enqueue_concurrency, thread_name_prefix="delete") as pool:
+        for outcome in pool.map(delete, stale):
+            if outcome is None:
+                summary.deletes_failed += 1
+            elif outcome:
+                summary.tasks_deleted += 1
+
+
 def run(
     config: Config,
     now: dt.datetime,
@@ -1118,7 +1315,8 @@ def run(
     stop: threading.Event,
     out: Callable[[str], None],
 ) -> RunSummary:
-    """One whole run: stream rows, plan them, and enqueue (or print) each call."""
+    """One whole run: stream rows, plan them, enqueue (or print) each call, then
+    delete the stale tasks of this shard and window (RECONCILE)."""
     window = Window.around(now, config.grace, config.lookahead)
     summary = RunSummary(
         dry_run=dry_run,
@@ -1141,22 +1339,62 @@ def run(
     except DatabaseError as exc:
         summary.fail(str(exc))
         return summary
+
+    client = tasks_client
+    sink: TaskSink | None = None
+    pending: dict[str, set[str]] | None = None
+    queue_fatal: FatalQueueError | None = None
+    if config.reconcile and config.project:
+        # Listed first, so calls already on the queue need no create, and the run
+        # knows which names are pending (read-only: a dry run does this too).
+        try:
+            client = client or make_tasks_client(config)
+            pending = TaskSink(client, config, stop, now).list_own(window)
+            sink = TaskSink(client, config, stop, now, pending)
+        except FatalQueueError as exc:
+            queue_fatal = exc
+            summary.fail(str(exc))
+        except (gexc.GoogleAPICallError, gexc.RetryError) as exc:
+            summary.fail(f"cannot list the queue, so stale tasks stay this run: {exc}")
+
+    planned: set[str] = set()
+    planned_users: set[int] = set()
+    invalid_users: set[int] = set()
+
+    def tracked(calls: Iterator[Call]) -> Iterator[Call]:
+        for call in calls:
+            if pending is not None:
+                planned.add(call.task_id)
+                planned_users.add(call.user_id)
+            yield call
+
     rows = read_rows(conn, config, window)
     try:
-        calls = plan(rows, config, window, summary, stop)
+        calls = tracked(plan(rows, config, window, summary, stop, invalid_users))
         if dry_run:
             for call in calls:
                 out(json.dumps(call.plan_line()))
         else:
 
             def make_sink() -> TaskSink:
-                return TaskSink(tasks_client or make_tasks_client(config), config, stop)
+                if queue_fatal is not None:
+                    raise queue_fatal
+                return sink or TaskSink(client or make_tasks_client(config), config, stop, now)
 
             enqueue(make_sink, calls, config, summary, stop)
     finally:
         rows.close()
         with contextlib.suppress(pymysql.err.Error):  # already closed if the link broke
             conn.close()
+
+    # Only a complete plan can say what is stale: not after an error or a stop.
+    if pending is not None and sink is not None and summary.error is None and not stop.is_set():
+        stale = stale_tasks(pending, planned, planned_users, invalid_users)
+        if dry_run:
+            for item in stale:
+                out(json.dumps(item.plan_line(), ensure_ascii=False))
+        else:
+            delete_stale(sink, stale, config, summary)
     return summary
 
 

@@ -54,6 +54,7 @@ class Faults:
     permanent: dict[int, grpc.StatusCode] = dataclasses.field(default_factory=dict)  # user_id
     latency: float = 0.0  # seconds added to every RPC
     missing_queue: bool = False  # every call answers NOT_FOUND for the queue
+    list_error: grpc.StatusCode | None = None  # ListTasks fails with this code
 
 
 class FakeCloudTasks:
@@ -229,6 +230,8 @@ class FakeCloudTasks:
 
     def _list(self, request: tasks_v2.ListTasksRequest, _ctx: Any) -> tasks_v2.ListTasksResponse:
         self._check_queue(request.parent)
+        if self.faults.list_error is not None:
+            raise _Abort(self.faults.list_error, "injected ListTasks failure")
         size = min(request.page_size or 1000, 1000)
         start = int(request.page_token or 0)
         with self._lock:

@@ -251,11 +251,16 @@ def test_wrong_password_is_not_retried(db: Database) -> None:
 def test_connection_killed_mid_read_exits_1_and_a_rerun_completes(
     db: Database, tasks_server: FakeCloudTasks
 ) -> None:
-    # 80,000 rows due in the window; every 200th asks for a call, the rest (blank
-    # weekdays, padded so the result outgrows the kernel's socket buffers) for none.
+    # 80,000 rows due in the window (09:00-10:59, interleaved); every 200th asks for a
+    # call, the rest (blank weekdays, padded so the result outgrows the kernel's socket
+    # buffers) for none.
     db.insert(
         [
-            {"id": i, "call_weekdays": "daily" if i % 200 == 0 else " " * 64, "call_time": "09:30"}
+            {
+                "id": i,
+                "call_weekdays": "daily" if i % 200 == 0 else " " * 64,
+                "call_time": f"{9 + i % 7200 // 3600:02d}:{i % 3600 // 60:02d}:{i % 60:02d}",
+            }
             for i in range(1, 80_001)
         ]
     )

@@ -50,7 +50,7 @@ def test_concurrent_enqueue_gives_the_serial_result_even_with_faults(db: Databas
             results[concurrency] = (result.summary, server.task_ids(), server.created_names())
         finally:
             server.stop()
-    (serial, serial_ids, serial_names), (parallel, parallel_ids, parallel_names) = (
+    (serial, serial_ids, _), (parallel, parallel_ids, parallel_names) = (
         results["1"],
         results["16"],
     )
