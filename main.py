@@ -917,8 +917,9 @@ class TaskSink:
         try:
             yield
         except gexc.NotFound as exc:
-            # For GetTask/DeleteTask a NotFound usually means the task, not the queue.
-            if task_gone_ok and "queue" not in (exc.message or "").lower():
+            # For GetTask/DeleteTask it means the task is gone: they run only after a
+            # create or a listing has shown that the queue exists.
+            if task_gone_ok:
                 raise
             raise FatalQueueError(
                 f"Cloud Tasks queue {self._config.queue_path} not found: {exc.message}"

@@ -1,0 +1,233 @@
+"""Reconciling: each run removes the stale calls of its own shard and window.
+
+Against the in-tests Cloud Tasks server, which has ListTasks with pagination, GetTask,
+DeleteTask and tombstones that refuse a deleted name for an hour.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import grpc
+
+import main
+from tests.conftest import QUEUE_PATH, Database, finish_job, job_env, run_job, start_job
+from tests.fake_cloud_tasks import FakeCloudTasks
+
+JST = dt.timezone(dt.timedelta(hours=9))
+EIGHT = "2026-11-30T08:00:00+09:00"  # Monday; window 07:45-10:00
+
+
+def at(hour: int, minute: int = 0) -> dt.datetime:
+    return dt.datetime(2026, 11, 30, hour, minute, tzinfo=JST)
+
+
+def base(user_id: int, when: dt.datetime) -> str:
+    return main.task_id(user_id, when.astimezone(dt.UTC))
+
+
+def queue(server: FakeCloudTasks) -> list[str]:
+    return server.task_ids()
+
+
+def test_time_change_deactivation_weekday_removal_and_deletion(
+    db: Database, tasks_server: FakeCloudTasks
+) -> None:
+    db.insert(
+        [
+            {"id": 1, "call_weekdays": "daily", "call_time": "09:00"},
+            {"id": 2, "call_weekdays": "daily", "call_time": "09:10"},
+            {"id": 3, "call_weekdays": "mon,tue", "call_time": "09:20"},
+            {"id": 4, "call_weekdays": "daily", "call_time": "09:30"},
+            {"id": 5, "call_weekdays": "daily", "call_time": "09:40"},
+        ]
+    )
+    env = job_env(db, tasks_server)
+    first = run_job(["--now", EIGHT], env)
+    assert first.summary["tasks_created"] == 5
+    db.execute("UPDATE users SET call_time = '09:30' WHERE id = 1")  # time changed
+    db.execute("UPDATE users SET is_active = 0 WHERE id = 2")  # paused: in hospital
+    db.execute("UPDATE users SET call_weekdays = 'tue' WHERE id = 3")  # Monday removed
+    db.execute("DELETE FROM users WHERE id = 4")  # removed
+    second = run_job(["--now", EIGHT], env)
+    assert second.code == 0, second.stderr
+    assert second.summary["tasks_deleted"] == 4
+    assert second.summary["tasks_created"] == 1  # user 1 at 09:30
+    assert second.summary["tasks_existing"] == 1  # user 5, untouched
+    assert queue(tasks_server) == sorted([base(1, at(9, 30)), base(5, at(9, 40))])
+    reasons = {
+        line.split("user_id=")[1].split()[0]: line
+        for line in second.stderr.splitlines()
+        if "deleted a stale task" in line
+    }
+    assert "call time or weekday changed" in reasons["1"]
+    assert "no call in the window" in reasons["2"]
+
+
+def test_foreign_other_shard_and_out_of_window_tasks_survive(
+    db: Database, tasks_server: FakeCloudTasks
+) -> None:
+    db.insert([{"id": 2, "call_weekdays": "daily", "call_time": "09:00"}])
+    in_window = at(9, 15).timestamp()
+    foreign = [
+        f"{QUEUE_PATH}/tasks/someone-elses-task",
+        f"{QUEUE_PATH}/tasks/deadbeef-anpi-2-20261130T001500Z",  # our shape, wrong hash
+    ]
+    stale_other_shard = f"{QUEUE_PATH}/tasks/{base(3, at(9, 15))}"  # user 3: shard 1 of 2
+    stale_outside = f"{QUEUE_PATH}/tasks/{base(4, at(10, 30))}"  # after the window
+    mine = f"{QUEUE_PATH}/tasks/{base(6, at(9, 15))}"  # user 6: shard 0, not in the table
+    for name in [*foreign, stale_other_shard, mine]:
+        tasks_server.add_task(name, in_window)
+    tasks_server.add_task(stale_outside, at(10, 30).timestamp())
+    env = job_env(db, tasks_server, CLOUD_RUN_TASK_INDEX="0", CLOUD_RUN_TASK_COUNT="2")
+    result = run_job(["--now", EIGHT], env)
+    assert result.code == 0, result.stderr
+    assert result.summary["tasks_deleted"] == 1
+    left = set(tasks_server.tasks)
+    assert mine not in left
+    assert {*foreign, stale_other_shard, stale_outside} <= left
+    deletes = [r for r in tasks_server.rpcs if r.method == "DeleteTask"]
+    assert [r.name for r in deletes] == [mine]
+
+
+def test_nine_to_nine_thirty_and_back_ends_with_exactly_one_nine_oclock_task(
+    db: Database, tasks_server: FakeCloudTasks
+) -> None:
+    db.insert([{"id": 1, "call_weekdays": "daily", "call_time": "09:00"}])
+    env = job_env(db, tasks_server)
+    assert run_job(["--now", EIGHT], env).code == 0
+    db.execute("UPDATE users SET call_time = '09:30' WHERE id = 1")
+    assert run_job(["--now", "2026-11-30T08:10:00+09:00"], env).code == 0
+    db.execute("UPDATE users SET call_time = '09:00' WHERE id = 1")
+    third = run_job(["--now", "2026-11-30T08:20:00+09:00"], env)
+    assert third.code == 0, third.stderr
+    # 09:00's own name is a tombstone for an hour: the call lives under an alternative.
+    assert queue(tasks_server) == [main.task_id(1, at(9).astimezone(dt.UTC), retry=1)]
+    [task] = tasks_server.tasks.values()
+    assert task.schedule_time.timestamp() == at(9).timestamp()
+    assert json.loads(task.http_request.body)["scheduled_at"] == "2026-11-30T09:00:00+09:00"
+    assert "alternative id" in third.stderr
+    # Later runs see the alternative on the queue: nothing new, nothing deleted.
+    fourth = run_job(["--now", "2026-11-30T08:30:00+09:00"], env)
+    assert (fourth.summary["tasks_created"], fourth.summary["tasks_existing"]) == (0, 1)
+    assert fourth.summary["tasks_deleted"] == 0
+    assert len(tasks_server.tasks) == 1
+
+
+def test_a_past_call_that_already_ran_is_not_created_again(
+    db: Database, tasks_server: FakeCloudTasks
+) -> None:
+    db.insert([{"id": 1, "call_weekdays": "daily", "call_time": "09:00"}])
+    env = job_env(db, tasks_server)
+    assert run_job(["--now", EIGHT], env).code == 0
+    assert tasks_server.run_due(at(9).timestamp())  # dispatched at 09:00
+    late = run_job(["--now", "2026-11-30T09:10:00+09:00"], env)  # 09:00 is in the grace
+    assert late.code == 0, late.stderr
+    assert late.summary["tasks_existing"] == 1
+    assert late.summary["tasks_created"] == 0
+    assert tasks_server.created_names() == [f"{QUEUE_PATH}/tasks/{base(1, at(9))}"]
+    assert not [r for r in tasks_server.rpcs if r.method == "GetTask"]
+
+
+def test_dry_run_prints_deletions_and_changes_nothing(
+    db: Database, tasks_server: FakeCloudTasks
+) -> None:
+    db.insert([{"id": 1, "call_weekdays": "daily", "call_time": "09:00"}])
+    env = job_env(db, tasks_server)
+    assert run_job(["--now", EIGHT], env).code == 0
+    db.execute("UPDATE users SET call_time = '09:45' WHERE id = 1")
+    before = list(tasks_server.rpcs)
+    dry = run_job(["--dry-run", "--now", EIGHT], env)
+    assert dry.code == 0, dry.stderr
+    assert dry.plan == [
+        {"task_id": base(1, at(9, 45)), "user_id": 1, "scheduled_at": "2026-11-30T09:45:00+09:00"},
+        {"delete": base(1, at(9)), "user_id": 1, "reason": "call time or weekday changed"},
+    ]
+    new_rpcs = tasks_server.rpcs[len(before) :]
+    assert {r.method for r in new_rpcs} == {"ListTasks"}  # read-only
+    assert queue(tasks_server) == [base(1, at(9))]
+    # Without a queue configured, a dry run only plans.
+    plain = run_job(["--dry-run", "--now", EIGHT], job_env(db))
+    assert [p.get("delete") for p in plain.plan] == [None]
+
+
+def test_reconcile_off(db: Database, tasks_server: FakeCloudTasks) -> None:
+    db.insert([{"id": 1, "call_weekdays": "daily", "call_time": "09:00"}])
+    env = job_env(db, tasks_server, RECONCILE="0")
+    run_job(["--now", EIGHT], env)
+    db.execute("UPDATE users SET is_active = 0")
+    result = run_job(["--now", EIGHT], env)
+    assert result.code == 0
+    assert result.summary["tasks_deleted"] == 0
+    assert len(tasks_server.tasks) == 1
+    assert not [r for r in tasks_server.rpcs if r.method == "ListTasks"]
+
+
+def test_an_invalid_row_keeps_its_tasks(db: Database, tasks_server: FakeCloudTasks) -> None:
+    db.insert([{"id": 1, "call_weekdays": "daily", "call_time": "09:00"}])
+    env = job_env(db, tasks_server)
+    run_job(["--now", EIGHT], env)
+    db.execute("UPDATE users SET call_weekdays = 'mon-' WHERE id = 1")  # a typo
+    result = run_job(["--now", EIGHT], env)
+    assert result.summary["rows_invalid"] == 1
+    assert result.summary["tasks_deleted"] == 0
+    assert len(tasks_server.tasks) == 1
+    assert "kept the tasks of an invalid row" in result.stderr
+
+
+def test_a_second_pending_name_for_one_call_is_removed(
+    db: Database, tasks_server: FakeCloudTasks
+) -> None:
+    db.insert([{"id": 1, "call_weekdays": "daily", "call_time": "09:00"}])
+    env = job_env(db, tasks_server)
+    run_job(["--now", EIGHT], env)
+    extra = main.task_id(1, at(9).astimezone(dt.UTC), retry=1)
+    tasks_server.add_task(f"{QUEUE_PATH}/tasks/{extra}", at(9).timestamp())
+    result = run_job(["--now", EIGHT], env)
+    assert result.summary["tasks_deleted"] == 1
+    assert queue(tasks_server) == [base(1, at(9))]
+
+
+def test_listing_denied_still_enqueues_and_reports(db: Database, tasks_server: FakeCloudTasks) -> None:
+    db.insert([{"id": 1, "call_weekdays": "daily", "call_time": "09:00"}])
+    tasks_server.faults.list_error = grpc.StatusCode.PERMISSION_DENIED
+    result = run_job(["--now", EIGHT], job_env(db, tasks_server))
+    assert result.code == 1
+    assert result.summary["tasks_created"] == 1
+    assert "cannot list the queue" in result.summary["error"]
+
+
+def test_pagination_over_many_tasks(db: Database, tasks_server: FakeCloudTasks) -> None:
+    # 2,500 of this job's tasks on the queue: three pages of 1,000.
+    for user_id in range(1, 2501):
+        tasks_server.add_task(f"{QUEUE_PATH}/tasks/{base(user_id, at(9))}", at(9).timestamp())
+    db.insert([{"id": i, "call_weekdays": "daily", "call_time": "09:00"} for i in range(1, 2401)])
+    result = run_job(["--now", EIGHT], job_env(db, tasks_server))
+    assert result.code == 0, result.stderr
+    assert result.summary["tasks_existing"] == 2400  # known from the listing
+    assert result.summary["tasks_deleted"] == 100  # users 2401-2500 are not in the table
+    assert len([r for r in tasks_server.rpcs if r.method == "ListTasks"]) == 3
+    assert not [r for r in tasks_server.rpcs if r.method == "CreateTask"]
+
+
+def test_two_shards_reconciling_at_once_leave_the_union_correct(
+    db: Database, tasks_server: FakeCloudTasks
+) -> None:
+    db.insert(
+        [{"id": i, "call_weekdays": "daily", "call_time": f"09:{i % 60:02d}"} for i in range(1, 81)]
+    )
+    env = job_env(db, tasks_server)
+    assert run_job(["--now", EIGHT], env).code == 0
+    db.execute("UPDATE users SET call_time = ADDTIME(call_time, '00:00:30') WHERE id % 3 = 0")
+    db.execute("UPDATE users SET is_active = 0 WHERE id % 5 = 0")
+    expected = sorted(p["task_id"] for p in run_job(["--dry-run", "--now", EIGHT], job_env(db)).plan)
+    procs = [
+        start_job(["--now", EIGHT], job_env(db, tasks_server, CLOUD_RUN_TASK_INDEX=str(i), CLOUD_RUN_TASK_COUNT="2"))
+        for i in range(2)
+    ]
+    results = [finish_job(p) for p in procs]
+    assert [r.code for r in results] == [0, 0], [r.stderr for r in results]
+    assert queue(tasks_server) == expected
+    stale = {i for i in range(1, 81) if i % 3 == 0 or i % 5 == 0}
+    assert sum(r.summary["tasks_deleted"] for r in results) == len(stale)
