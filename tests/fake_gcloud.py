@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -55,13 +56,10 @@ def main(argv: list[str]) -> int:
         ("run", "jobs"): "run-job",
         ("secrets",): "secret",
     }
-    for prefix, kind in kinds.items():
-        if tuple(words[: len(prefix)]) == prefix:
-            verb = words[len(prefix)] if len(words) > len(prefix) else ""
-            rest = words[len(prefix) + 1 :]
-            break
-    else:
-        prefix, kind, verb, rest = (), "", words[1] if len(words) > 1 else "", words[2:]
+    prefix = next((p for p in kinds if tuple(words[: len(p)]) == p), (words[0],) if words else ())
+    kind = kinds.get(prefix, "")
+    verb = words[len(prefix)] if len(words) > len(prefix) else ""
+    rest = words[len(prefix) + 1 :]
 
     if words[:2] == ["services", "enable"]:
         state.setdefault("apis", []).extend(words[2:])
@@ -71,16 +69,13 @@ def main(argv: list[str]) -> int:
             ["project", words[2], flag(argv, "member"), flag(argv, "role")]
         )
         return done(0)
-    if words[:1] == ["builds"] and verb == "submit":
+    if words[:2] == ["builds", "submit"]:
         state.setdefault("images", []).append(flag(argv, "tag"))
         return done(0)
     if kind == "secret" and verb == "versions":
         return done(0, out="projects/p/secrets/s/versions/7")
     if kind == "run-job" and verb == "replace":
-        path = Path(rest[0])
-        record["file"] = path.read_text()
-        import re
-
+        record["file"] = Path(rest[0]).read_text()
         name = re.search(r"^  name: (\S+)", record["file"], re.M)
         resources[f"run-job/{name[1] if name else '?'}"] = {}
         return done(0)
