@@ -36,10 +36,10 @@ pytest: $(VENV)/.installed $(EMULATOR_VENV)/.installed
 test: lint pytest
 
 demo: $(VENV)/.installed $(EMULATOR_VENV)/.installed
-	$(PY) tools/demo.py
+	$(PY) demo.py $(DEMO_FLAGS)
 
 bench: $(VENV)/.installed
-	$(PY) tools/bench.py
+	$(PY) bench.py
 
 clean:
 	rm -rf $(VENV) $(EMULATOR_VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

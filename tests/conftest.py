@@ -17,6 +17,7 @@ import pymysql
 import pytest
 
 from tests.fake_cloud_tasks import FakeCloudTasks
+from tests.localdb import local_server
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = (ROOT / "schema.sql").read_text()
@@ -24,14 +25,22 @@ PROJECT = "test-project"
 QUEUE_PATH = f"projects/{PROJECT}/locations/asia-northeast1/queues/anpi-call-queue"
 CALL_URL = "http://127.0.0.1:9/call"
 
-# The test database server: 127.0.0.1:3306 as root unless TEST_DB_* say otherwise
-# (make test points them at a private mariadbd when no server answers there).
-DB_SETTINGS = {
-    "host": os.environ.get("TEST_DB_HOST", "127.0.0.1"),
-    "port": int(os.environ.get("TEST_DB_PORT", "3306")),
-    "user": os.environ.get("TEST_DB_USER", "root"),
-    "password": os.environ.get("TEST_DB_PASSWORD", ""),
-}
+
+def _database_server() -> dict[str, Any]:
+    """TEST_DB_* if set; else 127.0.0.1:3306 as root if it answers; else a private
+    mariadbd started for this session (tests/localdb.py), the same rule as make demo."""
+    if os.environ.get("TEST_DB_HOST"):
+        return {
+            "host": os.environ["TEST_DB_HOST"],
+            "port": int(os.environ.get("TEST_DB_PORT", "3306")),
+            "user": os.environ.get("TEST_DB_USER", "root"),
+            "password": os.environ.get("TEST_DB_PASSWORD", ""),
+        }
+    host, port, _private = local_server()  # a private server stops at exit
+    return {"host": host, "port": port, "user": "root", "password": ""}
+
+
+DB_SETTINGS = _database_server()
 
 # Keeps google-auth from probing the GCE metadata server or reading real credentials
 # (see FACTS.md, "Network hygiene").

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, NamedTuple
 
@@ -20,9 +21,12 @@ class Delivery(NamedTuple):
 class WebhookReceiver:
     """HTTP server on 127.0.0.1 that answers 200 and keeps each delivery."""
 
-    def __init__(self, status: int = 200) -> None:
+    def __init__(
+        self, status: int = 200, on_delivery: Callable[[Delivery], None] | None = None
+    ) -> None:
         self.deliveries: list[Delivery] = []
         self.status = status
+        self._on_delivery = on_delivery
         self._cond = threading.Condition()
         receiver = self
 
@@ -34,11 +38,14 @@ class WebhookReceiver:
                     body = json.loads(raw)
                 except ValueError:
                     body = {"_raw": raw.decode("utf-8", "replace")}
-                with receiver._cond:
-                    receiver.deliveries.append(Delivery(time.time(), dict(self.headers), body))
-                    receiver._cond.notify_all()
+                delivery = Delivery(time.time(), dict(self.headers), body)
                 self.send_response(receiver.status)
                 self.end_headers()
+                if receiver._on_delivery is not None:
+                    receiver._on_delivery(delivery)
+                with receiver._cond:
+                    receiver.deliveries.append(delivery)
+                    receiver._cond.notify_all()
 
             def log_message(self, *args: Any) -> None:  # keep test output quiet
                 pass
