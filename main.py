@@ -865,6 +865,8 @@ def make_tasks_client(config: Config) -> Any:
 
 
 MAX_ALTERNATIVES = 3
+LATE_RETRY = MAX_ALTERNATIVES + 1  # the id of a late call created after probing
+PROBE_AHEAD = dt.timedelta(days=7)
 
 
 class TaskSink:
@@ -936,17 +938,23 @@ class TaskSink:
                 request=request, retry=self._retry, timeout=self._timeout
             )
 
-    def build_task(self, call: Call, name: str) -> Any:
-        """The typed Cloud Tasks HTTP task for `call` under task id `name`."""
+    def build_task(self, call: Call, name: str, probe: bool = False) -> Any:
+        """The typed Cloud Tasks HTTP task for `call` under task id `name`.
+
+        A probe (see `_create_late`) is a harmless stand-in: a week ahead, and without a
+        phone number, so that even one left behind cannot place a call.
+        """
         from google.cloud import tasks_v2
         from google.protobuf import timestamp_pb2
 
-        body = {
+        body: dict[str, Any] = {
             "user_id": call.user_id,
             "phone_number": call.phone_number,
             "scheduled_at": call.scheduled_at,
             "task_id": name,
         }
+        if probe:
+            body = {"probe": True, "user_id": call.user_id, "task_id": name}
         request = tasks_v2.HttpRequest(
             url=self._config.call_url,
             http_method=tasks_v2.HttpMethod.POST,
@@ -959,7 +967,7 @@ class TaskSink:
                 audience=self._config.call_url,
             )
         schedule = timestamp_pb2.Timestamp()
-        schedule.FromDatetime(call.instant)
+        schedule.FromDatetime(self._now + PROBE_AHEAD if probe else call.instant)
         return tasks_v2.Task(
             name=f"{self._config.queue_path}/tasks/{name}",
             http_request=request,
@@ -967,37 +975,14 @@ class TaskSink:
         )
 
     def create(self, call: Call) -> str:
-        """Make sure `call` is on the queue exactly once: CREATED, EXISTING or FAILED.
-
-        ALREADY_EXISTS means done for a call due now or earlier (it ran). For a future
-        call the name may instead be a tombstone of a task deleted within the hour
-        (Cloud Tasks refuses such names): GetTask tells, and a gone task is created
-        under the next deterministic alternative id (`-r1`, `-r2`, ...).
-        """
-        from google.cloud import tasks_v2
-
+        """Make sure `call` is on the queue exactly once: CREATED, EXISTING or FAILED."""
         if self._pending.get(call.task_id):
             return EXISTING  # listed on the queue by this run: no RPC needed
         extra = {"user_id": call.user_id, "task_id": call.task_id}
         try:
-            for retry in range(MAX_ALTERNATIVES + 1):
-                name = task_id(call.user_id, call.instant, retry)
-                request = tasks_v2.CreateTaskRequest(
-                    parent=self._config.queue_path, task=self.build_task(call, name)
-                )
-                try:
-                    self._rpc("create_task", request)
-                    return CREATED
-                except gexc.AlreadyExists:
-                    if call.instant <= self._now or self.exists(name):
-                        return EXISTING
-                    log.warning(
-                        "task name refused but the task is gone (deleted within the hour);"
-                        " creating it under an alternative id",
-                        extra={**extra, "refused": name},
-                    )
-            log.error("every alternative task id was refused", extra=extra)
-            return FAILED
+            if call.instant <= self._now:
+                return self._create_late(call, extra)
+            return self._create_future(call, extra)
         except gexc.RetryError as exc:
             log.error(
                 "could not create task within %ss: %s",
@@ -1010,16 +995,66 @@ class TaskSink:
             log.error("could not create task: %s %s", type(exc).__name__, exc.message, extra=extra)
             return FAILED
 
-    def exists(self, name: str) -> bool:
-        """Whether task id `name` is on the queue now (GetTask)."""
+    def _submit(self, task: Any) -> None:
+        from google.cloud import tasks_v2
+
+        request = tasks_v2.CreateTaskRequest(parent=self._config.queue_path, task=task)
+        self._rpc("create_task", request)
+
+    def _create_future(self, call: Call, extra: dict[str, Any]) -> str:
+        """A call still ahead. ALREADY_EXISTS may be a tombstone of a task deleted within
+        the hour (Cloud Tasks refuses such names): GetTask tells, and a gone task is
+        created under the next deterministic alternative id (`-r1`, `-r2`, `-r3`)."""
+        for retry in range(MAX_ALTERNATIVES + 1):
+            name = task_id(call.user_id, call.instant, retry)
+            try:
+                self._submit(self.build_task(call, name))
+                return CREATED
+            except gexc.AlreadyExists:
+                if self.get(name) is not None:
+                    return EXISTING
+                log.warning(
+                    "task name refused but the task is gone (deleted within the hour);"
+                    " creating it under an alternative id",
+                    extra={**extra, "refused": name},
+                )
+        log.error("every alternative task id was refused", extra=extra)
+        return FAILED
+
+    def _create_late(self, call: Call, extra: dict[str, Any]) -> str:
+        """A call due now or earlier (a late run, a retry). Creating it fires it at once,
+        so first make sure that none of its names ran within the hour: ALREADY_EXISTS on
+        any of them means done. Each name is probed with a task that cannot fire soon
+        and is deleted at once; only when every name is free is the call created, under
+        an id no earlier run used (`-r4`)."""
+        for retry in range(MAX_ALTERNATIVES + 1):
+            name = task_id(call.user_id, call.instant, retry)
+            try:
+                self._submit(self.build_task(call, name, probe=True))
+            except gexc.AlreadyExists:
+                # Taken: it ran (a tombstone) or is pending; unless it is this very probe,
+                # stored by an attempt whose answer was lost (it lies a week ahead).
+                found = self.get(name)
+                if found is None or found.schedule_time <= self._now:
+                    return EXISTING
+            if not self.delete(name):
+                log.error("a probe task vanished before its delete", extra={**extra, "probe": name})
+        try:
+            self._submit(self.build_task(call, task_id(call.user_id, call.instant, LATE_RETRY)))
+        except gexc.AlreadyExists:
+            return EXISTING  # our own create, whose answer was lost, or a concurrent run's
+        log.info("late call created: it was not on the queue and had not run", extra=extra)
+        return CREATED
+
+    def get(self, name: str) -> Any:
+        """Task id `name` as it is on the queue now, or None when it is gone (GetTask)."""
         from google.cloud import tasks_v2
 
         request = tasks_v2.GetTaskRequest(name=f"{self._config.queue_path}/tasks/{name}")
         try:
-            self._rpc("get_task", request, task_gone_ok=True)
-            return True
+            return self._rpc("get_task", request, task_gone_ok=True)
         except gexc.NotFound:
-            return False
+            return None
 
     def delete(self, name: str) -> bool:
         """Delete task id `name`; False when it was already gone (ran or deleted)."""

@@ -251,7 +251,7 @@ def test_wrong_password_is_not_retried(db: Database) -> None:
 def test_connection_killed_mid_read_exits_1_and_a_rerun_completes(
     db: Database, tasks_server: FakeCloudTasks
 ) -> None:
-    # 80,000 rows due in the window (09:00-10:59, interleaved); every 200th asks for a
+    # 80,000 rows due in the window (09:00:01-10:59:59, interleaved); every 200th asks for a
     # call, the rest (blank weekdays, padded so the result outgrows the kernel's socket
     # buffers) for none.
     db.insert(
@@ -259,9 +259,10 @@ def test_connection_killed_mid_read_exits_1_and_a_rerun_completes(
             {
                 "id": i,
                 "call_weekdays": "daily" if i % 200 == 0 else " " * 64,
-                "call_time": f"{9 + i % 7200 // 3600:02d}:{i % 3600 // 60:02d}:{i % 60:02d}",
+                "call_time": f"{9 + s // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}",
             }
             for i in range(1, 80_001)
+            for s in [1 + i % 7199]  # 09:00:01-10:59:59: all ahead of now
         ]
     )
     proxy = TcpProxy((DB_SETTINGS["host"], DB_SETTINGS["port"]))

@@ -9,6 +9,7 @@ import re
 import grpc
 import pytest
 
+import main
 from tests.conftest import CALL_URL, QUEUE_PATH, Database, job_env, run_job
 from tests.fake_cloud_tasks import FakeCloudTasks
 
@@ -132,15 +133,17 @@ def test_missed_hourly_run_loses_nothing_and_doubles_nothing(
     ten = dt.datetime(2026, 11, 30, 10, tzinfo=dt.timezone(dt.timedelta(hours=9)))
     assert run_job(["--now", ten.isoformat()], job_env(db, tasks_server)).code == 0
     # 11:00's run never happens; by 12:00 the calls due before it have been dispatched.
-    tasks_server.run_due((ten + dt.timedelta(hours=2)).timestamp())
+    fired = tasks_server.run_due((ten + dt.timedelta(hours=2)).timestamp())
     twelve = run_job(["--now", (ten + dt.timedelta(hours=2)).isoformat()], job_env(db, tasks_server))
     assert twelve.code == 0, twelve.stderr
-    names = tasks_server.created_names()
-    assert len(names) == len(set(names))  # nobody is called twice
-    times = sorted(re.search(r"(\d{8}T\d{6}Z)$", n)[1] for n in names)  # type: ignore[index]
-    # Every 5-minute call from 09:45 (10:00 - GRACE) to 13:55 is on the queue once.
-    assert times[0] == "20261130T004500Z" and times[-1] == "20261130T045500Z"
-    assert len(times) == (4 * 60 + 15) // 5
+    fired += list(tasks_server.tasks)  # dispatched, or still to be dispatched
+    calls = [main.parse_task_id(n.rsplit("/", 1)[1]) for n in fired]
+    instants = sorted(c.instant for c in calls if c is not None)
+    assert len(instants) == len(fired) == len(set(instants))  # nobody is called twice
+    # Every 5-minute call from 09:45 (10:00 - GRACE) to 13:55 is made once.
+    assert instants[0] == dt.datetime(2026, 11, 30, 0, 45, tzinfo=dt.UTC)
+    assert instants[-1] == dt.datetime(2026, 11, 30, 4, 55, tzinfo=dt.UTC)
+    assert len(instants) == (4 * 60 + 15) // 5
 
 
 def test_transient_errors_are_retried(db: Database, tasks_server: FakeCloudTasks) -> None:

@@ -85,7 +85,9 @@ def test_four_shards_at_once_make_the_unsharded_plan_without_overlap(
     assert [r.code for r in results] == [0, 0, 0, 0]
     names = tasks_server.created_names()
     assert len(names) == len(set(names))  # no overlap
-    assert tasks_server.task_ids() == expected
+    # Calls already due (08:45-09:00) carry the late id (-r4); each call is there once.
+    on_queue = [main.parse_task_id(t) for t in tasks_server.task_ids()]
+    assert sorted(n.base_id for n in on_queue if n is not None) == expected
     def user_of(task_id: str) -> int:
         return int(main.TASK_ID_RE.fullmatch(task_id)[2])  # type: ignore[index]
 
