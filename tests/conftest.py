@@ -15,9 +15,16 @@ from typing import Any
 
 import pymysql
 import pytest
+from hypothesis import settings
 
 from tests.fake_cloud_tasks import FakeCloudTasks
 from tests.localdb import local_server
+
+# In CI the property tests use a fixed seed, so a run can be reproduced exactly;
+# locally they explore new examples every time.
+settings.register_profile("ci", derandomize=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = (ROOT / "schema.sql").read_text()
