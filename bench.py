@@ -22,6 +22,7 @@ import pymysql
 
 from tests.conftest import DB_SETTINGS, SCHEMA, job_env
 from tests.fake_cloud_tasks import FakeCloudTasks
+from tests.localdb import schema_statements
 
 ROOT = Path(__file__).resolve().parent
 NOW = "2026-11-30T09:00:00+09:00"  # Monday 09:00 JST: window 08:45-11:00
@@ -73,8 +74,7 @@ def seed(name: str, users: int, call_time_sql: str, mixed: bool = True) -> None:
         cur.execute(f"DROP DATABASE IF EXISTS {name}")
         cur.execute(f"CREATE DATABASE {name} CHARACTER SET utf8mb4")
         cur.execute(f"USE {name}")
-        code = "\n".join(ln for ln in SCHEMA.splitlines() if not ln.lstrip().startswith("--"))
-        for statement in filter(str.strip, code.split(";")):
+        for statement in schema_statements(SCHEMA):
             cur.execute(statement)
         cur.execute(
             "INSERT INTO users (id, phone_number, call_weekdays, call_time, timezone, is_active)"

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
 from tests.emulator import Emulator, free_port  # noqa: E402
-from tests.localdb import NoDatabase, local_server  # noqa: E402
+from tests.localdb import NoDatabase, local_server, schema_statements  # noqa: E402
 from tests.webhook import WebhookReceiver  # noqa: E402
 
 TOKYO = ZoneInfo("Asia/Tokyo")
@@ -87,40 +87,34 @@ def database(stack: list[Any]) -> dict[str, str]:
             say("database: MariaDB/MySQL at 127.0.0.1:3306")
         settings = {"DB_HOST": host, "DB_PORT": str(port), "DB_USER": "root", "DB_PASSWORD": ""}
     name = os.environ.get("DB_NAME", DEMO_DB)
-    connect = {
-        "user": settings["DB_USER"],
-        "password": settings.get("DB_PASSWORD", ""),
-        "autocommit": True,
-        "charset": "utf8mb4",
-    }
-    if "DB_SOCKET" in settings:
-        connect["unix_socket"] = settings["DB_SOCKET"]
-    else:
-        connect.update(host=settings["DB_HOST"], port=int(settings.get("DB_PORT", "3306")))
-    with pymysql.connect(**connect) as conn, conn.cursor() as cur:
+    with connect(settings) as conn, conn.cursor() as cur:
         cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
         cur.execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
         cur.execute(f"USE `{name}`")
-        schema = (ROOT / "schema.sql").read_text()
-        code = "\n".join(ln for ln in schema.splitlines() if not ln.lstrip().startswith("--"))
-        for statement in filter(str.strip, code.split(";")):
+        for statement in schema_statements((ROOT / "schema.sql").read_text()):
             cur.execute(statement)
     return {**settings, "DB_NAME": name}
 
 
-def load(settings: dict[str, str], rows: list[dict[str, Any]]) -> None:
-    connect: dict[str, Any] = {
+def connect(settings: dict[str, str]) -> pymysql.connections.Connection:
+    """A connection as the job would make it from these DB_* settings."""
+    args: dict[str, Any] = {
         "user": settings["DB_USER"],
         "password": settings.get("DB_PASSWORD", ""),
-        "database": settings["DB_NAME"],
         "autocommit": True,
         "charset": "utf8mb4",
     }
+    if "DB_NAME" in settings:
+        args["database"] = settings["DB_NAME"]
     if "DB_SOCKET" in settings:
-        connect["unix_socket"] = settings["DB_SOCKET"]
+        args["unix_socket"] = settings["DB_SOCKET"]
     else:
-        connect.update(host=settings["DB_HOST"], port=int(settings.get("DB_PORT", "3306")))
-    with pymysql.connect(**connect) as conn, conn.cursor() as cur:
+        args.update(host=settings["DB_HOST"], port=int(settings.get("DB_PORT", "3306")))
+    return pymysql.connect(**args)
+
+
+def load(settings: dict[str, str], rows: list[dict[str, Any]]) -> None:
+    with connect(settings) as conn, conn.cursor() as cur:
         for row in rows:
             cols = ", ".join(row)
             cur.execute(

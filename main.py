@@ -40,7 +40,6 @@ from google.auth import exceptions as auth_exceptions
 
 UTC = dt.UTC
 DAY_SECONDS = 86_400
-WEEKDAY_NAMES = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 
 # Cloud Tasks refuses a task name for about an hour after the task ran or was
 # deleted; planning never reaches further back than that, so a re-plan of a call
@@ -80,24 +79,22 @@ class Config:
     db_port: int
     db_socket: str | None
     db_user: str
-    db_password: str = dataclasses.field(repr=False)
-    db_name: str = "default"
-    db_connect_timeout: int = 10
-    db_read_timeout: int = 60
-    db_retry_seconds: float = 30.0
-    default_timezone: zoneinfo.ZoneInfo = dataclasses.field(
-        default_factory=lambda: zoneinfo.ZoneInfo("Asia/Tokyo")
-    )
-    lookahead: dt.timedelta = dt.timedelta(minutes=120)
-    grace: dt.timedelta = dt.timedelta(minutes=15)
-    log_level: str = "INFO"
-    log_json: bool = False
-    task_index: int = 0
-    task_count: int = 1
-    enqueue_concurrency: int = 32
-    enqueue_max_per_second: float = 500.0
-    enqueue_deadline_seconds: float = 60.0
-    reconcile: bool = True
+    db_password: str = dataclasses.field(repr=False)  # never printed
+    db_name: str
+    db_connect_timeout: int
+    db_read_timeout: int
+    db_retry_seconds: float
+    default_timezone: zoneinfo.ZoneInfo
+    lookahead: dt.timedelta
+    grace: dt.timedelta
+    log_level: str
+    log_json: bool
+    task_index: int
+    task_count: int
+    enqueue_concurrency: int
+    enqueue_max_per_second: float
+    enqueue_deadline_seconds: float
+    reconcile: bool
 
     @property
     def queue_path(self) -> str:
@@ -247,16 +244,11 @@ def _zone_or_none(name: str | None) -> zoneinfo.ZoneInfo | None:
     return zoneinfo.ZoneInfo(name)
 
 
-_ZONE_NAMES: frozenset[str] = frozenset()
-
-
+@functools.cache
 def _zone_names() -> frozenset[str]:
-    global _ZONE_NAMES
-    if not _ZONE_NAMES:
-        # zoneinfo alone would also open paths such as "../x" or "Asia/Tokyo/"; the
-        # list of real keys keeps row values from reaching the file system.
-        _ZONE_NAMES = frozenset(zoneinfo.available_timezones())
-    return _ZONE_NAMES
+    # zoneinfo alone would also open paths such as "../x" or "Asia/Tokyo/"; the list of
+    # real keys keeps row values away from the file system.
+    return frozenset(zoneinfo.available_timezones())
 
 
 # ---------------------------------------------------------------------------
@@ -335,6 +327,11 @@ USER_COLUMNS = "id, phone_number, call_weekdays, call_time, timezone"
 OUT_OF_DAY_SQL = "call_time < CAST('00:00:00' AS TIME) OR call_time >= CAST('24:00:00' AS TIME)"
 
 
+# Worth another connect: 2002/2003 cannot connect, 2006/2013 lost, 1040 too many connections.
+# Anything else (a wrong password, 1045; an unknown database, 1049) fails at once.
+TRANSIENT_DB_ERRORS = (2002, 2003, 2006, 2013, 1040)
+
+
 class DatabaseError(Exception):
     """The database could not be reached or stopped answering."""
 
@@ -360,13 +357,8 @@ def connect(config: Config) -> Any:
         kwargs["host"], kwargs["port"] = config.db_host, config.db_port
 
     def transient(exc: BaseException) -> bool:
-        # 2003/2002: cannot connect, 2013/2006: lost, 1040: too many connections.
         return isinstance(exc, pymysql.err.OperationalError) and exc.args[:1] in {
-            (2002,),
-            (2003,),
-            (2006,),
-            (2013,),
-            (1040,),
+            (code,) for code in TRANSIENT_DB_ERRORS
         }
 
     def warn(exc: BaseException) -> None:
@@ -458,6 +450,7 @@ def zone_query(zone_value: object, config: Config, window: Window) -> tuple[str,
 
 
 def _clock_text(seconds: int) -> str:
+    """HH:MM:SS of a number of seconds (hours may exceed 23, as MySQL TIME's do)."""
     return f"{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
@@ -514,16 +507,19 @@ class Call:
 
 
 _DAY_WORDS = {
-    **{name: i for i, name in enumerate(WEEKDAY_NAMES)},
-    **{
-        name: i
-        for i, name in enumerate(
-            ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
+    name: day
+    for day, names in enumerate(
+        (
+            ("mon", "monday"),
+            ("tue", "tues", "tuesday"),
+            ("wed", "wednesday"),
+            ("thu", "thur", "thurs", "thursday"),
+            ("fri", "friday"),
+            ("sat", "saturday"),
+            ("sun", "sunday"),
         )
-    },
-    "tues": 1,
-    "thur": 3,
-    "thurs": 3,
+    )
+    for name in names
 }
 _KANJI_DAYS = {k: i for i, k in enumerate("月火水木金土日")}
 _DAY_SETS = {
@@ -722,8 +718,7 @@ def _show(value: str, limit: int = 40) -> str:
 
 def _show_timedelta(value: dt.timedelta) -> str:
     seconds = int(value.total_seconds())
-    sign, seconds = ("-", -seconds) if seconds < 0 else ("", seconds)
-    return f"{sign}{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+    return ("-" if seconds < 0 else "") + _clock_text(abs(seconds))
 
 
 def occurrence(day: dt.date, at: dt.time, zone: zoneinfo.ZoneInfo) -> dt.datetime:

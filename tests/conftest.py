@@ -18,7 +18,7 @@ import pytest
 from hypothesis import settings
 
 from tests.fake_cloud_tasks import FakeCloudTasks
-from tests.localdb import local_server
+from tests.localdb import local_server, schema_statements
 
 # In CI the property tests use a fixed seed, so a run can be reproduced exactly;
 # locally they explore new examples every time.
@@ -105,9 +105,8 @@ def create_database(schema: str = SCHEMA) -> Database:
     with _admin() as conn, conn.cursor() as cur:
         cur.execute(f"CREATE DATABASE {name} CHARACTER SET utf8mb4")
     db = Database(name)
-    code = "\n".join(line for line in schema.splitlines() if not line.lstrip().startswith("--"))
     with db.connect() as conn, conn.cursor() as cur:
-        for statement in filter(str.strip, code.split(";")):
+        for statement in schema_statements(schema):
             cur.execute(statement)
     return db
 

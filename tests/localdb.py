@@ -30,7 +30,9 @@ class NoDatabase(RuntimeError):
 def answers(host: str, port: int, user: str = "root", password: str = "") -> bool:
     """Whether a server at host:port lets `user` in."""
     try:
-        pymysql.connect(host=host, port=port, user=user, password=password, connect_timeout=3).close()
+        pymysql.connect(
+            host=host, port=port, user=user, password=password, connect_timeout=3
+        ).close()
         return True
     except pymysql.err.MySQLError:
         return False
@@ -96,6 +98,12 @@ class PrivateMariaDB:
                 self._proc.kill()
                 self._proc.wait()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def schema_statements(schema: str) -> list[str]:
+    """The SQL statements of schema.sql (comment lines dropped: they may hold `;`)."""
+    code = "\n".join(line for line in schema.splitlines() if not line.lstrip().startswith("--"))
+    return [s for s in code.split(";") if s.strip()]
 
 
 def local_server() -> tuple[str, int, PrivateMariaDB | None]:
