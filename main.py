@@ -877,14 +877,12 @@ class TaskSink:
         config: Config,
         stop: threading.Event,
         now: dt.datetime,
-        pending: Mapping[str, set[str]] | None = None,
     ) -> None:
-        """`pending`: task ids already on the queue by base id (from `list_own`), if known."""
         self._client = client
         self._config = config
         self._stop = stop
         self._now = now
-        self._pending = pending or {}
+        self._pending: dict[str, set[str]] = {}  # filled by list_own
         self._retry = retries.Retry(
             predicate=retries.if_exception_type(
                 gexc.ServiceUnavailable,
@@ -1066,7 +1064,8 @@ class TaskSink:
         """This job's tasks of this shard scheduled in `window`, by base id.
 
         ListTasks pages through the whole queue (1,000 a page, the largest allowed:
-        the quota is 600 list calls a minute); other ids are never considered.
+        the quota is 600 list calls a minute); other ids are never considered. The sink
+        remembers them: a call already pending needs no CreateTask.
         """
         from google.cloud import tasks_v2
 
@@ -1083,6 +1082,7 @@ class TaskSink:
                     continue
                 if window.start <= task.schedule_time < window.end:
                     own.setdefault(name.base_id, set()).add(short)
+        self._pending = own
         return own
 
 
@@ -1380,8 +1380,8 @@ def run(
         # knows which names are pending (read-only: a dry run does this too).
         try:
             client = client or make_tasks_client(config)
-            pending = TaskSink(client, config, stop, now).list_own(window)
-            sink = TaskSink(client, config, stop, now, pending)
+            sink = TaskSink(client, config, stop, now)
+            pending = sink.list_own(window)
         except FatalQueueError as exc:
             queue_fatal = exc
             summary.fail(str(exc))

@@ -13,6 +13,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from tests.processes import stop_process
+
 ROOT = Path(__file__).resolve().parent.parent
 EMULATOR = Path(
     os.environ.get("TASKS_EMULATOR_BIN", ROOT / ".venv-emulator" / "bin" / "gcloud-tasks-emulator")
@@ -65,12 +67,6 @@ class Emulator:
         raise RuntimeError(f"gcloud-tasks-emulator did not listen on {self.address}")
 
     def stop(self) -> None:
-        if self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+        stop_process(self._proc, timeout=5)
         if self._proc.stderr:
             self._proc.stderr.close()

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pymysql
 
+from tests.processes import stop_process
+
 APT_FIX = "sudo apt-get install -y mariadb-server"
 SEARCH_PATH = f"{os.environ.get('PATH', '')}:/usr/sbin:/usr/local/sbin:/usr/local/mysql/bin"
 
@@ -90,13 +92,7 @@ class PrivateMariaDB:
 
     def stop(self) -> None:
         """End the server and remove its data directory (safe to call twice)."""
-        if self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+        stop_process(self._proc, timeout=30)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
