@@ -1,8 +1,9 @@
 """anpi-call-scheduler: turn users' safety-check call settings into Cloud Tasks.
 
 Reads every active user whose call can fall in [now - GRACE, now + LOOKAHEAD) from
-MySQL, works out each call's exact instant in the user's zone (JST by default) and
-creates one named Cloud Tasks HTTP task per call; the task POSTs to the call webhook.
+MySQL, works out each call's exact instant in the user's zone (JST by default), records
+the task id it gives each call in `scheduled_calls`, then creates that Cloud Tasks HTTP
+task; at the call's instant the task POSTs to the call webhook.
 
 Run: python main.py [--dry-run] [--now ISO8601]   (settings: environment or .env)
 """
@@ -42,9 +43,19 @@ UTC = dt.UTC
 DAY_SECONDS = 86_400
 
 # Cloud Tasks refuses a task name for about an hour after the task ran or was
-# deleted; planning never reaches further back than that, so a re-plan of a call
-# that already ran meets ALREADY_EXISTS instead of calling twice.
+# deleted; planning never reaches further back than that, so re-creating the recorded
+# id of a call that already ran meets ALREADY_EXISTS instead of calling twice.
 MAX_GRACE_MINUTES = 60
+# A task due this close to the job's clock may be firing already: never deleted, and a
+# refused name of it is taken as "ran" rather than "deleted by someone else".
+FIRING_MARGIN = dt.timedelta(seconds=60)
+# Ids a call may be given (0 = base id, n = "-rN"); past this something is deleting
+# the job's tasks in a loop, and the call fails loudly instead.
+MAX_ALTERNATIVE = 20
+# Rows per scheduled_calls write, and per retention DELETE.
+RECORD_BATCH = 500
+PURGE_BATCH = 5000
+PURGE_MAX_BATCHES = 50
 # schedule_time may be at most 30 days ahead.
 MAX_LOOKAHEAD_MINUTES = 30 * 24 * 60
 TASK_ID_RE = re.compile(r"^([0-9a-f]{8})-anpi-(-?\d+)-(\d{8}T\d{6}Z)(?:-r(\d+))?$")
@@ -95,6 +106,7 @@ class Config:
     enqueue_max_per_second: float
     enqueue_deadline_seconds: float
     reconcile: bool
+    retention: dt.timedelta
 
     @property
     def queue_path(self) -> str:
@@ -207,6 +219,7 @@ class Config:
             enqueue_max_per_second=float(rate),
             enqueue_deadline_seconds=integer("ENQUEUE_DEADLINE_SECONDS", 60, 1, 600),
             reconcile=reconcile != "0",
+            retention=dt.timedelta(days=integer("SCHEDULED_CALLS_RETENTION_DAYS", 35, 2, 3650)),
         )
         if errors:
             raise ConfigError("invalid configuration: " + "; ".join(errors))
@@ -336,21 +349,34 @@ class DatabaseError(Exception):
     """The database could not be reached or stopped answering."""
 
 
-def connect(config: Config) -> Any:
-    """Open a streaming connection, retrying transient failures within DB_RETRY_SECONDS."""
+class SetupError(Exception):
+    """The database lacks a table, a column or a grant the job needs (exit 2)."""
+
+
+def connect(config: Config, *, streaming: bool) -> Any:
+    """Open a connection, retrying transient failures within DB_RETRY_SECONDS.
+
+    `streaming` gives the reader: an unbuffered cursor that rows stream through while
+    tasks are created. Otherwise the writer of `scheduled_calls`, with plain cursors.
+    """
     kwargs: dict[str, Any] = {
         "user": config.db_user,
         "password": config.db_password,
         "database": config.db_name,
         "charset": "utf8mb4",
+        # PyMySQL reads the server's handshake with the read timeout: until connected,
+        # both are the connect timeout, so a server that accepts and stays silent (a
+        # Cloud SQL failover) costs one DB_CONNECT_TIMEOUT per attempt, not 60 s.
         "connect_timeout": config.db_connect_timeout,
-        "read_timeout": config.db_read_timeout,
-        "cursorclass": pymysql.cursors.SSCursor,
+        "read_timeout": config.db_connect_timeout,
+        "write_timeout": config.db_connect_timeout,
+        "cursorclass": pymysql.cursors.SSCursor if streaming else pymysql.cursors.Cursor,
         "autocommit": True,
+    }
+    if streaming:
         # Rows stream while tasks are created; a slow enqueue must not make the server
         # give up on a reader that pauses (MySQL's default is 60 s).
-        "init_command": "SET SESSION net_write_timeout = 600",
-    }
+        kwargs["init_command"] = "SET SESSION net_write_timeout = 600"
     if config.db_socket:
         kwargs["unix_socket"] = config.db_socket
     else:
@@ -373,13 +399,19 @@ def connect(config: Config) -> Any:
         on_error=warn,
     )
     try:
-        return retry(pymysql.connect)(**kwargs)
+        conn = retry(pymysql.connect)(**kwargs)
     except gexc.RetryError as exc:
+        bound = config.db_retry_seconds + config.db_connect_timeout
         raise DatabaseError(
-            f"cannot connect to the database within {config.db_retry_seconds:g}s: {exc.cause}"
+            f"cannot connect to the database within {bound:g}s"
+            f" (DB_RETRY_SECONDS + DB_CONNECT_TIMEOUT): {exc.cause}"
         ) from exc
     except pymysql.err.MySQLError as exc:
         raise DatabaseError(f"cannot connect to the database: {exc}") from exc
+    # Connected: from here on each read and write waits up to DB_READ_TIMEOUT. PyMySQL
+    # has no public setter; it applies these attributes before every socket operation.
+    conn._read_timeout = conn._write_timeout = config.db_read_timeout
+    return conn
 
 
 def read_rows(conn: Any, config: Config, window: Window) -> Generator[UserRow, None, None]:
@@ -387,9 +419,13 @@ def read_rows(conn: Any, config: Config, window: Window) -> Generator[UserRow, N
 
     One query per distinct `timezone` value (see `zone_query`), each a range scan of
     the index on (is_active, timezone, call_time), read through an unbuffered cursor.
+    All of them read one consistent snapshot, so a row whose zone changes meanwhile is
+    read exactly once.
     """
     try:
         with conn.cursor() as cur:
+            cur.execute("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            cur.execute("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
             cur.execute("SELECT DISTINCT timezone FROM users WHERE is_active = 1")
             zone_values = [value for (value,) in cur.fetchall()]
         for value in zone_values:
@@ -405,6 +441,7 @@ def read_rows(conn: Any, config: Config, window: Window) -> Generator[UserRow, N
                     cur.close()
                 else:
                     _abandon(cur)
+        conn.commit()
     except pymysql.err.MySQLError as exc:
         raise DatabaseError(f"lost the database while reading users: {exc}") from exc
 
@@ -487,23 +524,40 @@ class CallSetting:
     zone: zoneinfo.ZoneInfo
 
 
+class CallKey(NamedTuple):
+    """Which call: whose, and when (UTC). Every task id of a call derives from it."""
+
+    user_id: int
+    instant: dt.datetime
+
+
 @dataclasses.dataclass(frozen=True)
 class Call:
     """One planned call: a task to create."""
 
-    task_id: str
     user_id: int
     phone_number: str
     instant: dt.datetime  # UTC
     zone: zoneinfo.ZoneInfo
 
     @property
+    def key(self) -> CallKey:
+        return CallKey(self.user_id, self.instant)
+
+    @property
     def scheduled_at(self) -> str:
         """ISO 8601 in the user's zone, with its offset: 2026-11-30T09:00:00+09:00."""
         return self.instant.astimezone(self.zone).isoformat()
 
-    def plan_line(self) -> dict[str, Any]:
-        return {"task_id": self.task_id, "user_id": self.user_id, "scheduled_at": self.scheduled_at}
+    def task_id(self, alternative: int = 0) -> str:
+        return task_id(self.user_id, self.instant, alternative)
+
+    def plan_line(self, alternative: int) -> dict[str, Any]:
+        return {
+            "task_id": self.task_id(alternative),
+            "user_id": self.user_id,
+            "scheduled_at": self.scheduled_at,
+        }
 
 
 _DAY_WORDS = {
@@ -776,8 +830,8 @@ class TaskName(NamedTuple):
     retry: int
 
     @property
-    def base_id(self) -> str:
-        return task_id(self.user_id, self.instant)
+    def key(self) -> CallKey:
+        return CallKey(self.user_id, self.instant)
 
 
 def parse_task_id(value: str) -> TaskName | None:
@@ -802,7 +856,7 @@ def _utc_stamp(instant: dt.datetime) -> str:
 def plan_calls(setting: CallSetting, window: Window) -> list[Call]:
     """The calls one validated row asks for inside `window`."""
     return [
-        Call(task_id(setting.user_id, t), setting.user_id, setting.phone_number, t, setting.zone)
+        Call(setting.user_id, setting.phone_number, t, setting.zone)
         for t in occurrences(setting, window)
     ]
 
@@ -828,6 +882,173 @@ def local_time_ranges(zone: zoneinfo.ZoneInfo, window: Window) -> list[tuple[int
     if hi <= DAY_SECONDS:
         return [(lo, hi)]
     return [(lo, DAY_SECONDS), (0, hi - DAY_SECONDS)]
+
+
+# ---------------------------------------------------------------------------
+# Call record: the scheduled_calls table, which task id each call was given
+# ---------------------------------------------------------------------------
+
+PLANNED, DELETED = "planned", "deleted"
+RECORD_COLUMNS = "call_at, user_id, alternative, task_id, state, reason"
+# Every statement the job runs on scheduled_calls, each run once with nothing to touch,
+# so a missing table, column or grant shows before any task is created.
+RECORD_CHECKS = (
+    ("SELECT", "SELECT id, phone_number, call_weekdays, call_time, timezone FROM users LIMIT 0"),
+    ("SELECT", f"SELECT {RECORD_COLUMNS} FROM scheduled_calls LIMIT 0"),
+    (
+        "INSERT",
+        f"INSERT INTO scheduled_calls ({RECORD_COLUMNS})"
+        f" SELECT {RECORD_COLUMNS} FROM scheduled_calls WHERE FALSE",
+    ),
+    ("UPDATE", "UPDATE scheduled_calls SET state = state WHERE FALSE"),
+    ("DELETE", "DELETE FROM scheduled_calls WHERE FALSE"),
+)
+
+
+class Entry(NamedTuple):
+    """One scheduled_calls row to write: a call's id `alternative` and its state."""
+
+    key: CallKey
+    alternative: int
+    state: str
+    reason: str | None = None
+
+
+class Choice(NamedTuple):
+    """The id a run gives a call, and why (see `CallRecord.choose`)."""
+
+    alternative: int
+    pending: bool  # the listing shows this id on the queue: nothing to create
+    record_first: bool  # not yet recorded as planned: record it before anything else
+    earlier: tuple[int, ...] = ()  # ids marked deleted: check none is still pending
+
+
+class CallRecord:
+    """scheduled_calls: one row per task id the job gave a call, planned or deleted.
+
+    The job writes a call's id here (committed) before it creates the task, and marks
+    a task deleted here before it deletes it. So the table knows what Cloud Tasks
+    cannot tell: whether a refused name belongs to a task that ran or to one that was
+    deleted. Writes go through their own connection; a lock serialises the enqueue
+    threads' rare single-call writes with the main thread's batches.
+    """
+
+    def __init__(self, conn: Any, config: Config) -> None:
+        self._conn = conn
+        self._config = config
+        self._lock = threading.Lock()
+        self._rows: dict[CallKey, dict[int, str]] = {}  # filled by load
+
+    def check(self) -> None:
+        """Raise SetupError naming the table and grant when a statement would be refused."""
+        config = self._config
+        user = f"'{config.db_user}'@'%'"
+        grant = (
+            f"GRANT SELECT ON `{config.db_name}`.users TO {user}; GRANT SELECT, INSERT,"
+            f" UPDATE, DELETE ON `{config.db_name}`.scheduled_calls TO {user}"
+        )
+        for privilege, sql in RECORD_CHECKS:
+            table = "users" if " users " in f"{sql} " else "scheduled_calls"
+            try:
+                with self._lock, self._conn.cursor() as cur:
+                    cur.execute(sql)
+            except pymysql.err.MySQLError as exc:
+                code = exc.args[0] if exc.args else None
+                if code in (1142, 1143, 1044):  # command or column denied
+                    raise SetupError(
+                        f"the database user may not {privilege} on {table}: {grant}"
+                    ) from exc
+                if code in (1146, 1054):  # no such table or column
+                    raise SetupError(
+                        f"table {table} is missing or has old columns ({exc.args[1]}):"
+                        " apply schema.sql, then " + grant
+                    ) from exc
+                raise DatabaseError(f"cannot check table {table}: {exc}") from exc
+
+    def load(self, window: Window) -> None:
+        """Read this shard's rows for the calls in `window`."""
+        config = self._config
+        sql = "SELECT user_id, call_at, alternative, state FROM scheduled_calls"
+        sql += " WHERE call_at >= %s AND call_at < %s"
+        args: list[Any] = [_naive_utc(window.start), _naive_utc(window.end)]
+        if config.task_count > 1:
+            sql += " AND MOD(MOD(user_id, %s) + %s, %s) = %s"
+            args += [config.task_count] * 3 + [config.task_index]
+        rows: dict[CallKey, dict[int, str]] = {}
+        with self._query() as cur:
+            cur.execute(sql, args)
+            for user_id, call_at, alternative, state in cur.fetchall():
+                key = CallKey(user_id, call_at.replace(tzinfo=UTC))
+                rows.setdefault(key, {})[alternative] = state
+        self._rows = rows
+
+    def choose(self, key: CallKey, pending: set[int] | None) -> Choice:
+        """The id for call `key`: the first of these rules that applies.
+
+        1. An id of the call that the listing shows pending (the one recorded planned,
+           else the lowest): it is on the queue, so nothing is created.
+        2. Otherwise the id recorded planned (the highest, should there be several):
+           created again, where ALREADY_EXISTS means it exists or already ran.
+        3. Otherwise the next id after every recorded (deleted) one; the base id when
+           the call has no row. It is recorded before it is created.
+        Deterministic from the table and the listing, so concurrent runs agree.
+        """
+        rows = self._rows.get(key, {})
+        planned = sorted(a for a, state in rows.items() if state == PLANNED)
+        if pending:
+            alternative = next((a for a in planned if a in pending), min(pending))
+            return Choice(alternative, True, rows.get(alternative) != PLANNED)
+        if planned:
+            return Choice(planned[-1], False, False)
+        earlier = tuple(sorted(rows))
+        return Choice(max(earlier, default=-1) + 1, False, not earlier, earlier)
+
+    def write(self, entries: Sequence[Entry]) -> None:
+        """Upsert `entries` in one statement per RECORD_BATCH rows, each committed."""
+        sql = (
+            f"INSERT INTO scheduled_calls ({RECORD_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s)"
+            " ON DUPLICATE KEY UPDATE state = VALUES(state), reason = VALUES(reason)"
+        )
+        for start in range(0, len(entries), RECORD_BATCH):
+            args = [
+                (
+                    _naive_utc(e.key.instant),
+                    e.key.user_id,
+                    e.alternative,
+                    task_id(e.key.user_id, e.key.instant, e.alternative),
+                    e.state,
+                    e.reason,
+                )
+                for e in entries[start : start + RECORD_BATCH]
+            ]
+            with self._query() as cur:
+                cur.executemany(sql, args)
+
+    def purge(self, before: dt.datetime) -> int:
+        """Delete rows of calls before `before`, PURGE_BATCH at a time; the count deleted."""
+        sql = "DELETE FROM scheduled_calls WHERE call_at < %s ORDER BY call_at LIMIT %s"
+        deleted = 0
+        for _ in range(PURGE_MAX_BATCHES):
+            with self._query() as cur:
+                count = cur.execute(sql, (_naive_utc(before), PURGE_BATCH))
+            deleted += count
+            if count < PURGE_BATCH:
+                break
+        return deleted
+
+    @contextlib.contextmanager
+    def _query(self) -> Iterator[Any]:
+        """A cursor on the writer connection, held alone; driver errors as DatabaseError."""
+        try:
+            with self._lock, self._conn.cursor() as cur:
+                yield cur
+        except pymysql.err.MySQLError as exc:
+            raise DatabaseError(f"scheduled_calls: {exc}") from exc
+
+
+def _naive_utc(instant: dt.datetime) -> dt.datetime:
+    """An aware instant as the naive UTC DATETIME that scheduled_calls.call_at holds."""
+    return instant.astimezone(UTC).replace(tzinfo=None)
 
 
 # ---------------------------------------------------------------------------
@@ -859,30 +1080,17 @@ def make_tasks_client(config: Config) -> Any:
         raise FatalQueueError(f"no Google credentials for Cloud Tasks: {exc}") from exc
 
 
-MAX_ALTERNATIVES = 3
-LATE_RETRY = MAX_ALTERNATIVES + 1  # the id of a late call created after probing
-PROBE_AHEAD = dt.timedelta(days=7)
-
-
 class TaskSink:
     """One queue's tasks: create, look up, list and delete, outcomes returned as values.
 
-    Fatal errors (no queue, no credentials) raise FatalQueueError instead: every
-    further call would meet them too.
+    Transient errors are retried within ENQUEUE_DEADLINE_SECONDS. Fatal errors (no
+    queue, no credentials) raise FatalQueueError: every further call would meet them too.
     """
 
-    def __init__(
-        self,
-        client: Any,
-        config: Config,
-        stop: threading.Event,
-        now: dt.datetime,
-    ) -> None:
+    def __init__(self, client: Any, config: Config, stop: threading.Event) -> None:
         self._client = client
         self._config = config
         self._stop = stop
-        self._now = now
-        self._pending: dict[str, set[str]] = {}  # filled by list_own
         self._retry = retries.Retry(
             predicate=retries.if_exception_type(
                 gexc.ServiceUnavailable,
@@ -931,23 +1139,20 @@ class TaskSink:
                 request=request, retry=self._retry, timeout=self._timeout
             )
 
-    def build_task(self, call: Call, name: str, probe: bool = False) -> Any:
-        """The typed Cloud Tasks HTTP task for `call` under task id `name`.
+    def _name(self, task_id: str) -> str:
+        return f"{self._config.queue_path}/tasks/{task_id}"
 
-        A probe (see `_create_late`) is a harmless stand-in: a week ahead, and without a
-        phone number, so that even one left behind cannot place a call.
-        """
+    def build_task(self, call: Call, task_id: str) -> Any:
+        """The typed Cloud Tasks HTTP task for `call` under `task_id`."""
         from google.cloud import tasks_v2
         from google.protobuf import timestamp_pb2
 
-        body: dict[str, Any] = {
+        body = {
             "user_id": call.user_id,
             "phone_number": call.phone_number,
             "scheduled_at": call.scheduled_at,
-            "task_id": name,
+            "task_id": task_id,
         }
-        if probe:
-            body = {"probe": True, "user_id": call.user_id, "task_id": name}
         request = tasks_v2.HttpRequest(
             url=self._config.call_url,
             http_method=tasks_v2.HttpMethod.POST,
@@ -960,22 +1165,22 @@ class TaskSink:
                 audience=self._config.call_url,
             )
         schedule = timestamp_pb2.Timestamp()
-        schedule.FromDatetime(self._now + PROBE_AHEAD if probe else call.instant)
-        return tasks_v2.Task(
-            name=f"{self._config.queue_path}/tasks/{name}",
-            http_request=request,
-            schedule_time=schedule,
-        )
+        schedule.FromDatetime(call.instant)
+        return tasks_v2.Task(name=self._name(task_id), http_request=request, schedule_time=schedule)
 
-    def create(self, call: Call) -> str:
-        """Make sure `call` is on the queue exactly once: CREATED, EXISTING or FAILED."""
-        if self._pending.get(call.task_id):
-            return EXISTING  # listed on the queue by this run: no RPC needed
-        extra = {"user_id": call.user_id, "task_id": call.task_id}
+    def create(self, call: Call, task_id: str) -> str:
+        """CreateTask: CREATED, EXISTING (the name is taken: ALREADY_EXISTS) or FAILED."""
+        from google.cloud import tasks_v2
+
+        request = tasks_v2.CreateTaskRequest(
+            parent=self._config.queue_path, task=self.build_task(call, task_id)
+        )
+        extra = {"user_id": call.user_id, "task_id": task_id}
         try:
-            if call.instant <= self._now:
-                return self._create_late(call, extra)
-            return self._create_future(call, extra)
+            self._rpc("create_task", request)
+            return CREATED
+        except gexc.AlreadyExists:
+            return EXISTING
         except gexc.RetryError as exc:
             log.error(
                 "could not create task within %ss: %s",
@@ -983,89 +1188,36 @@ class TaskSink:
                 exc.cause,
                 extra=extra,
             )
-            return FAILED
         except gexc.GoogleAPICallError as exc:
             log.error("could not create task: %s %s", type(exc).__name__, exc.message, extra=extra)
-            return FAILED
-
-    def _submit(self, task: Any) -> None:
-        from google.cloud import tasks_v2
-
-        request = tasks_v2.CreateTaskRequest(parent=self._config.queue_path, task=task)
-        self._rpc("create_task", request)
-
-    def _create_future(self, call: Call, extra: dict[str, Any]) -> str:
-        """A call still ahead. ALREADY_EXISTS may be a tombstone of a task deleted within
-        the hour (Cloud Tasks refuses such names): GetTask tells, and a gone task is
-        created under the next deterministic alternative id (`-r1`, `-r2`, `-r3`)."""
-        for retry in range(MAX_ALTERNATIVES + 1):
-            name = task_id(call.user_id, call.instant, retry)
-            try:
-                self._submit(self.build_task(call, name))
-                return CREATED
-            except gexc.AlreadyExists:
-                if self.get(name) is not None:
-                    return EXISTING
-                log.warning(
-                    "task name refused but the task is gone (deleted within the hour);"
-                    " creating it under an alternative id",
-                    extra={**extra, "refused": name},
-                )
-        log.error("every alternative task id was refused", extra=extra)
         return FAILED
 
-    def _create_late(self, call: Call, extra: dict[str, Any]) -> str:
-        """A call due now or earlier (a late run, a retry). Creating it fires it at once,
-        so first make sure that none of its names ran within the hour: ALREADY_EXISTS on
-        any of them means done. Each name is probed with a task that cannot fire soon
-        and is deleted at once; only when every name is free is the call created, under
-        an id no earlier run used (`-r4`)."""
-        for retry in range(MAX_ALTERNATIVES + 1):
-            name = task_id(call.user_id, call.instant, retry)
-            try:
-                self._submit(self.build_task(call, name, probe=True))
-            except gexc.AlreadyExists:
-                # Taken: it ran (a tombstone) or is pending; unless it is this very probe,
-                # stored by an attempt whose answer was lost (it lies a week ahead).
-                found = self.get(name)
-                if found is None or found.schedule_time <= self._now:
-                    return EXISTING
-            if not self.delete(name):
-                log.error("a probe task vanished before its delete", extra={**extra, "probe": name})
-        try:
-            self._submit(self.build_task(call, task_id(call.user_id, call.instant, LATE_RETRY)))
-        except gexc.AlreadyExists:
-            return EXISTING  # our own create, whose answer was lost, or a concurrent run's
-        log.info("late call created: it was not on the queue and had not run", extra=extra)
-        return CREATED
-
-    def get(self, name: str) -> Any:
-        """Task id `name` as it is on the queue now, or None when it is gone (GetTask)."""
+    def exists(self, task_id: str) -> bool:
+        """Whether `task_id` is on the queue now (GetTask); errors raise."""
         from google.cloud import tasks_v2
 
-        request = tasks_v2.GetTaskRequest(name=f"{self._config.queue_path}/tasks/{name}")
         try:
-            return self._rpc("get_task", request, task_gone_ok=True)
-        except gexc.NotFound:
-            return None
-
-    def delete(self, name: str) -> bool:
-        """Delete task id `name`; False when it was already gone (ran or deleted)."""
-        from google.cloud import tasks_v2
-
-        request = tasks_v2.DeleteTaskRequest(name=f"{self._config.queue_path}/tasks/{name}")
-        try:
-            self._rpc("delete_task", request, task_gone_ok=True)
+            self._rpc("get_task", tasks_v2.GetTaskRequest(name=self._name(task_id)), True)
             return True
         except gexc.NotFound:
             return False
 
-    def list_own(self, window: Window) -> dict[str, set[str]]:
-        """This job's tasks of this shard scheduled in `window`, by base id.
+    def delete(self, task_id: str) -> bool:
+        """Delete `task_id`; False when it was already gone (ran or deleted); errors raise."""
+        from google.cloud import tasks_v2
+
+        try:
+            self._rpc("delete_task", tasks_v2.DeleteTaskRequest(name=self._name(task_id)), True)
+            return True
+        except gexc.NotFound:
+            return False
+
+    def list_own(self, window: Window) -> dict[CallKey, set[int]]:
+        """This job's pending tasks of this shard with calls in `window`: the ids
+        (alternatives) of each call.
 
         ListTasks pages through the whole queue (1,000 a page, the largest allowed:
-        the quota is 600 list calls a minute); other ids are never considered. The sink
-        remembers them: a call already pending needs no CreateTask.
+        the quota is 600 list calls a minute); other ids are never considered.
         """
         from google.cloud import tasks_v2
 
@@ -1073,16 +1225,14 @@ class TaskSink:
         request = tasks_v2.ListTasksRequest(
             parent=config.queue_path, page_size=1000, response_view=tasks_v2.Task.View.BASIC
         )
-        own: dict[str, set[str]] = {}
+        own: dict[CallKey, set[int]] = {}
         with self._fatal_errors():  # later pages are fetched while iterating
             for task in self._rpc("list_tasks", request):
-                short = task.name.rsplit("/", 1)[-1]
-                name = parse_task_id(short)
+                name = parse_task_id(task.name.rsplit("/", 1)[-1])
                 if name is None or name.user_id % config.task_count != config.task_index:
                     continue
-                if window.start <= task.schedule_time < window.end:
-                    own.setdefault(name.base_id, set()).add(short)
-        self._pending = own
+                if window.start <= name.instant < window.end:
+                    own.setdefault(name.key, set()).add(name.retry)
         return own
 
 
@@ -1125,6 +1275,8 @@ class RunSummary:
     tasks_not_attempted: int = 0
     tasks_deleted: int = 0
     deletes_failed: int = 0
+    deletes_skipped: int = 0
+    records_purged: int = 0
     rows_invalid: int = 0
     dry_run: bool = False
     shard: str = "0/1"
@@ -1135,11 +1287,13 @@ class RunSummary:
 
     @property
     def exit_code(self) -> int:
-        """0 when every planned call is on the queue (or a dry run planned cleanly).
+        """0 when every planned call is on the queue or ran (or a dry run planned cleanly).
 
         1 when anything was left undone: a failed or unattempted task, a stale task that
         could not be deleted, a database or queue error, or a stop by signal. Invalid
-        rows are reported, not failed on.
+        rows are reported, not failed on; so is a stale task left because it was due
+        within FIRING_MARGIN (`deletes_skipped`). A missing table or grant never gets
+        here: `main` exits 2 before anything is done.
         """
         undone = self.tasks_failed or self.tasks_not_attempted or self.deletes_failed
         return 1 if (undone or self.error or self.interrupted) else 0
@@ -1159,13 +1313,16 @@ class RunSummary:
             self.tasks_failed += 1
 
 
+Clock = Callable[[], dt.datetime]
+
+
 def plan(
     rows: Iterator[UserRow],
     config: Config,
     window: Window,
     summary: RunSummary,
     stop: threading.Event,
-    invalid_users: set[int] | None = None,
+    invalid_users: set[int],
 ) -> Iterator[Call]:
     """Validate and plan rows as they stream in, counting scanned, invalid and planned.
 
@@ -1183,8 +1340,7 @@ def plan(
                 setting = parse_row(row, config.default_timezone)
             except InvalidRow as reason:
                 summary.rows_invalid += 1
-                if invalid_users is not None:
-                    invalid_users.add(row.id)
+                invalid_users.add(row.id)
                 log.warning(
                     "invalid row skipped: %s",
                     reason,
@@ -1199,17 +1355,93 @@ def plan(
         summary.fail(str(exc))
 
 
+def choose_ids(
+    calls: Iterable[Call],
+    record: CallRecord,
+    pending: Mapping[CallKey, set[int]] | None,
+    chosen: dict[CallKey, int],
+) -> Iterator[list[tuple[Call, Choice]]]:
+    """Batches of up to RECORD_BATCH calls, each with the id `record` chooses for it.
+
+    With a listing (`pending`), every call's id also goes to `chosen`, which is what
+    reconciling keeps.
+    """
+    batch: list[tuple[Call, Choice]] = []
+    for call in calls:
+        choice = record.choose(call.key, None if pending is None else pending.get(call.key))
+        if pending is not None:
+            chosen[call.key] = choice.alternative
+        batch.append((call, choice))
+        if len(batch) == RECORD_BATCH:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def place(call: Call, choice: Choice, sink: TaskSink, record: CallRecord, clock: Clock) -> str:
+    """Make sure the call's chosen id is on the queue or has run: CREATED, EXISTING, FAILED.
+
+    The id is recorded already (or, when earlier ids were deleted, recorded here once
+    none of them turns out to be still pending). ALREADY_EXISTS means the task exists
+    or ran within the hour: the call's instant is at most GRACE old. The one exception
+    is a call still more than FIRING_MARGIN ahead of the job's clock that GetTask
+    cannot find: someone deleted it outside the job, so it gets the next id, recorded
+    (old id deleted, new planned, one statement) before it is created.
+    """
+    key, alternative = call.key, choice.alternative
+    extra = {"user_id": call.user_id, "task_id": call.task_id(alternative)}
+    try:
+        if choice.earlier:
+            # A delete that the table records but that never reached the queue (the run
+            # died in between) leaves the task pending: keep that one, create nothing.
+            for earlier in reversed(choice.earlier):
+                if sink.exists(call.task_id(earlier)):
+                    record.write([Entry(key, earlier, PLANNED)])
+                    return EXISTING
+            record.write([Entry(key, alternative, PLANNED)])
+        while True:
+            outcome = sink.create(call, call.task_id(alternative))
+            if outcome != EXISTING or call.instant <= clock() + FIRING_MARGIN:
+                return outcome
+            if sink.exists(call.task_id(alternative)):
+                return EXISTING
+            if alternative >= MAX_ALTERNATIVE:
+                log.error("every task id of this call was deleted outside the job", extra=extra)
+                return FAILED
+            log.warning(
+                "task deleted outside the job before its time; creating it again under the next id",
+                extra={**extra, "next": call.task_id(alternative + 1)},
+            )
+            record.write(
+                [
+                    Entry(key, alternative, DELETED, "deleted outside the job"),
+                    Entry(key, alternative + 1, PLANNED),
+                ]
+            )
+            alternative += 1
+    except (gexc.GoogleAPICallError, gexc.RetryError) as exc:
+        log.error("could not look a task up: %s", exc, extra=extra)
+    except DatabaseError as exc:
+        log.error("could not record a task id, so created no task: %s", exc, extra=extra)
+    return FAILED
+
+
 def enqueue(
     make_sink: Callable[[], TaskSink],
-    calls: Iterable[Call],
+    batches: Iterable[list[tuple[Call, Choice]]],
+    record: CallRecord,
     config: Config,
     summary: RunSummary,
     stop: threading.Event,
+    clock: Clock,
 ) -> None:
-    """Create every call's task: at most ENQUEUE_CONCURRENCY in flight, rate-capped.
+    """Record each batch's new ids (one commit), then place its calls: at most
+    ENQUEUE_CONCURRENCY in flight, rate-capped.
 
-    The sink is made at the first call, so a run with nothing to do needs no queue.
-    After a fatal queue error the remaining calls are counted, not tried.
+    The sink is made at the first call that needs the queue, so a run with nothing to
+    do needs none. After a fatal queue or database error the remaining calls are
+    counted, not tried.
     """
     slots = threading.BoundedSemaphore(config.enqueue_concurrency)
     limiter = RateLimiter(config.enqueue_max_per_second)
@@ -1217,9 +1449,9 @@ def enqueue(
     fatal = threading.Event()
     sink: TaskSink | None = None
 
-    def give_up(exc: FatalQueueError) -> None:
+    def give_up(exc: Exception, calls: int = 1) -> None:
         with lock:
-            summary.tasks_not_attempted += 1
+            summary.tasks_not_attempted += calls
             if not fatal.is_set():
                 fatal.set()
                 summary.fail(str(exc))
@@ -1237,9 +1469,9 @@ def enqueue(
             else:
                 summary.count(future.result())
 
-    def not_attempted() -> None:
+    def not_attempted(calls: int = 1) -> None:
         with lock:
-            summary.tasks_not_attempted += 1
+            summary.tasks_not_attempted += calls
 
     def wait_for_slot() -> bool:
         while not slots.acquire(timeout=0.2):
@@ -1248,78 +1480,130 @@ def enqueue(
         return True
 
     with ThreadPoolExecutor(config.enqueue_concurrency, thread_name_prefix="enqueue") as pool:
-        for call in calls:
-            if stop.is_set():
-                not_attempted()
-                break
-            if sink is None and not fatal.is_set():
-                try:
-                    sink = make_sink()
-                except FatalQueueError as exc:
-                    give_up(exc)
-                    continue
-            if fatal.is_set():
-                not_attempted()
+        for batch in batches:
+            if fatal.is_set() or stop.is_set():
+                not_attempted(len(batch))
+                if stop.is_set():
+                    break
                 continue
-            if not wait_for_slot():
-                not_attempted()
-                break
-            assert sink is not None
-            limiter.wait()
-            pool.submit(sink.create, call).add_done_callback(done)
+            try:
+                record.write(
+                    [Entry(c.key, ch.alternative, PLANNED) for c, ch in batch if ch.record_first]
+                )
+            except DatabaseError as exc:
+                give_up(exc, len(batch))
+                continue
+            for i, (call, choice) in enumerate(batch):
+                if choice.pending:
+                    with lock:
+                        summary.count(EXISTING)
+                    continue
+                if sink is None and not fatal.is_set():
+                    try:
+                        sink = make_sink()
+                    except FatalQueueError as exc:
+                        give_up(exc)
+                        continue
+                if fatal.is_set():
+                    not_attempted()
+                    continue
+                if stop.is_set() or not wait_for_slot():
+                    not_attempted(len(batch) - i)
+                    break
+                assert sink is not None
+                limiter.wait()
+                pool.submit(place, call, choice, sink, record, clock).add_done_callback(done)
 
 
 class Stale(NamedTuple):
     """A listed task the plan no longer wants."""
 
-    task_id: str
-    user_id: int
+    key: CallKey
+    alternative: int
     reason: str
 
+    @property
+    def task_id(self) -> str:
+        return task_id(self.key.user_id, self.key.instant, self.alternative)
+
     def plan_line(self) -> dict[str, Any]:
-        return {"delete": self.task_id, "user_id": self.user_id, "reason": self.reason}
+        return {"delete": self.task_id, "user_id": self.key.user_id, "reason": self.reason}
 
 
 def stale_tasks(
-    pending: Mapping[str, set[str]],
-    planned: set[str],
-    planned_users: set[int],
+    pending: Mapping[CallKey, set[int]],
+    chosen: Mapping[CallKey, int],
     invalid_users: set[int],
 ) -> list[Stale]:
     """The listed tasks of this shard and window that the plan does not contain.
 
-    `pending` maps base ids to the ids on the queue. A planned call keeps one task; any
-    further one for it would call twice. A user whose row is invalid this run keeps
-    their tasks: a typo in the table must not cancel a call.
+    A planned call keeps the id it was given (`chosen`); any further one for it would
+    call twice. A user whose row is invalid this run keeps their tasks: a typo in the
+    table must not cancel a call.
     """
+    planned_users = {key.user_id for key in chosen}
     stale = []
-    for base, ids in pending.items():
-        name = parse_task_id(base)
-        assert name is not None
-        if base in planned:
-            keep, *extra = sorted(ids)
-            stale += [Stale(i, name.user_id, f"duplicate of {keep}") for i in extra]
-        elif name.user_id in invalid_users:
+    for key, alternatives in pending.items():
+        if key in chosen:
+            keep = task_id(key.user_id, key.instant, chosen[key])
+            stale += [
+                Stale(key, a, f"duplicate of {keep}")
+                for a in sorted(alternatives)
+                if a != chosen[key]
+            ]
+        elif key.user_id in invalid_users:
             log.warning(
-                "kept the tasks of an invalid row", extra={"user_id": name.user_id, "task_id": base}
+                "kept the tasks of an invalid row",
+                extra={"user_id": key.user_id, "task_id": task_id(*key)},
             )
         else:
             reason = (
                 "call time or weekday changed"
-                if name.user_id in planned_users
+                if key.user_id in planned_users
                 else "no call in the window: user inactive, removed or schedule changed"
             )
-            stale += [Stale(i, name.user_id, reason) for i in sorted(ids)]
+            stale += [Stale(key, a, reason) for a in sorted(alternatives)]
     return stale
 
 
-def delete_stale(
-    sink: TaskSink, stale: Sequence[Stale], config: Config, summary: RunSummary
+def reconcile(
+    sink: TaskSink,
+    record: CallRecord,
+    stale: Sequence[Stale],
+    *,
+    config: Config,
+    summary: RunSummary,
+    clock: Clock,
+    out: Callable[[str], None] | None,
 ) -> None:
-    """Delete each stale task, ENQUEUE_CONCURRENCY at a time, counting the outcomes."""
+    """Mark the stale tasks deleted in the table (one commit), then delete them,
+    ENQUEUE_CONCURRENCY at a time. A task due within FIRING_MARGIN may be firing: it is
+    logged and left. With `out` (a dry run) each deletion is printed instead."""
+    horizon = clock() + FIRING_MARGIN
+    doomed = []
+    for item in stale:
+        if item.key.instant <= horizon:
+            summary.deletes_skipped += 1
+            log.warning(
+                "stale task left on the queue: it is due within %ds and may be firing",
+                FIRING_MARGIN.total_seconds(),
+                extra={"user_id": item.key.user_id, "task_id": item.task_id, "reason": item.reason},
+            )
+        else:
+            doomed.append(item)
+    if out is not None:
+        for item in doomed:
+            out(json.dumps(item.plan_line(), ensure_ascii=False))
+        return
+    try:
+        record.write([Entry(i.key, i.alternative, DELETED, i.reason) for i in doomed])
+    except DatabaseError as exc:
+        summary.fail(f"could not record the stale tasks, so deleted none: {exc}")
+        summary.deletes_failed += len(doomed)
+        return
 
     def delete(item: Stale) -> bool | None:
-        extra = {"user_id": item.user_id, "task_id": item.task_id, "reason": item.reason}
+        extra = {"user_id": item.key.user_id, "task_id": item.task_id, "reason": item.reason}
         try:
             gone = sink.delete(item.task_id)
         except (gexc.GoogleAPICallError, gexc.RetryError, FatalQueueError) as exc:
@@ -1330,7 +1614,7 @@ def delete_stale(
         return gone
 
     with ThreadPoolExecutor(config.enqueue_concurrency, thread_name_prefix="delete") as pool:
-        for outcome in pool.map(delete, stale):
+        for outcome in pool.map(delete, doomed):
             if outcome is None:
                 summary.deletes_failed += 1
             elif outcome:
@@ -1346,8 +1630,18 @@ def run(
     stop: threading.Event,
     out: Callable[[str], None],
 ) -> RunSummary:
-    """One whole run: stream rows, plan them, enqueue (or print) each call, then
-    delete the stale tasks of this shard and window (RECONCILE)."""
+    """One whole run: check and load the call record, list the queue, stream rows and
+    plan them, record and enqueue (or print) each call, then delete the stale tasks of
+    this shard and window (RECONCILE) and purge old records.
+
+    Raises SetupError, before any task is touched, when a table or grant is missing.
+    """
+    started = time.monotonic()
+
+    def clock() -> dt.datetime:
+        """The job's own clock: `now` plus the time this run has taken so far."""
+        return now + dt.timedelta(seconds=time.monotonic() - started)
+
     window = Window.around(now, config.grace, config.lookahead)
     summary = RunSummary(
         dry_run=dry_run,
@@ -1365,68 +1659,79 @@ def run(
             "dry_run": dry_run,
         },
     )
-    try:
-        conn = connect(config)
-    except DatabaseError as exc:
-        summary.fail(str(exc))
-        return summary
-
-    client = tasks_client
-    sink: TaskSink | None = None
-    pending: dict[str, set[str]] | None = None
-    queue_fatal: FatalQueueError | None = None
-    if config.reconcile and config.project:
-        # Listed first, so calls already on the queue need no create, and the run
-        # knows which names are pending (read-only: a dry run does this too).
+    with contextlib.ExitStack() as stack:
         try:
-            client = client or make_tasks_client(config)
-            sink = TaskSink(client, config, stop, now)
-            pending = sink.list_own(window)
-        except FatalQueueError as exc:
-            queue_fatal = exc
+            writer = connect(config, streaming=False)
+            stack.callback(_close, writer)
+            record = CallRecord(writer, config)
+            record.check()
+            record.load(window)
+            reader = connect(config, streaming=True)
+            stack.callback(_close, reader)
+        except DatabaseError as exc:
             summary.fail(str(exc))
-        except (gexc.GoogleAPICallError, gexc.RetryError) as exc:
-            summary.fail(f"cannot list the queue, so stale tasks stay this run: {exc}")
+            return summary
 
-    planned: set[str] = set()
-    planned_users: set[int] = set()
-    invalid_users: set[int] = set()
+        client = tasks_client
+        sink: TaskSink | None = None
+        pending: dict[CallKey, set[int]] | None = None
+        queue_fatal: FatalQueueError | None = None
+        if config.reconcile and config.project:
+            # Listed first, so calls already on the queue need no create, and the run
+            # knows which ids are pending (read-only: a dry run does this too).
+            try:
+                client = client or make_tasks_client(config)
+                sink = TaskSink(client, config, stop)
+                pending = sink.list_own(window)
+            except FatalQueueError as exc:
+                queue_fatal = exc
+                summary.fail(str(exc))
+            except (gexc.GoogleAPICallError, gexc.RetryError) as exc:
+                summary.fail(f"cannot list the queue, so stale tasks stay this run: {exc}")
 
-    def tracked(calls: Iterator[Call]) -> Iterator[Call]:
-        for call in calls:
-            if pending is not None:
-                planned.add(call.task_id)
-                planned_users.add(call.user_id)
-            yield call
-
-    rows = read_rows(conn, config, window)
-    try:
-        calls = tracked(plan(rows, config, window, summary, stop, invalid_users))
+        chosen: dict[CallKey, int] = {}
+        invalid_users: set[int] = set()
+        rows = read_rows(reader, config, window)
+        stack.callback(rows.close)
+        calls = plan(rows, config, window, summary, stop, invalid_users)
+        batches = choose_ids(calls, record, pending, chosen)
         if dry_run:
-            for call in calls:
-                out(json.dumps(call.plan_line()))
+            for batch in batches:
+                for call, choice in batch:
+                    out(json.dumps(call.plan_line(choice.alternative)))
         else:
 
             def make_sink() -> TaskSink:
                 if queue_fatal is not None:
                     raise queue_fatal
-                return sink or TaskSink(client or make_tasks_client(config), config, stop, now)
+                return sink or TaskSink(client or make_tasks_client(config), config, stop)
 
-            enqueue(make_sink, calls, config, summary, stop)
-    finally:
+            enqueue(make_sink, batches, record, config, summary, stop, clock)
         rows.close()
-        with contextlib.suppress(pymysql.err.Error):  # already closed if the link broke
-            conn.close()
 
-    # Only a complete plan can say what is stale: not after an error or a stop.
-    if pending is not None and sink is not None and summary.error is None and not stop.is_set():
-        stale = stale_tasks(pending, planned, planned_users, invalid_users)
-        if dry_run:
-            for item in stale:
-                out(json.dumps(item.plan_line(), ensure_ascii=False))
-        else:
-            delete_stale(sink, stale, config, summary)
+        # Only a complete plan can say what is stale: not after an error or a stop.
+        if pending is not None and sink is not None and summary.error is None and not stop.is_set():
+            stale = stale_tasks(pending, chosen, invalid_users)
+            reconcile(
+                sink,
+                record,
+                stale,
+                config=config,
+                summary=summary,
+                clock=clock,
+                out=out if dry_run else None,
+            )
+        if not dry_run and config.task_index == 0 and not stop.is_set():
+            try:
+                summary.records_purged = record.purge(now - config.retention)
+            except DatabaseError as exc:
+                log.warning("could not purge old scheduled_calls rows: %s", exc)
     return summary
+
+
+def _close(conn: Any) -> None:
+    with contextlib.suppress(pymysql.err.Error):  # already closed if the link broke
+        conn.close()
 
 
 # ---------------------------------------------------------------------------
@@ -1518,6 +1823,9 @@ def main(
             stop=stop,
             out=out,
         )
+    except SetupError as exc:  # a missing table or grant: nothing was done
+        log.critical("%s", exc)
+        return 2
     except Exception:  # the one catch-all: report, never die without a summary
         log.exception("unexpected error")
         summary = RunSummary(error="unexpected error (see log)")

@@ -1,8 +1,8 @@
--- anpi-call-scheduler: the table the job reads.
+-- anpi-call-scheduler: the table the job reads, and the table it owns.
 -- Load with:  mysql -h HOST -u USER -p DB_NAME < schema.sql
 --
--- The job only reads `users`; everything else about a user (name, family contacts,
--- call results) may live in other columns or tables.
+-- The job reads `users` and never writes it; everything else about a user (name,
+-- family contacts, call results) may live in other columns or tables.
 
 CREATE TABLE IF NOT EXISTS users (
   id            BIGINT       NOT NULL PRIMARY KEY,
@@ -19,6 +19,27 @@ CREATE TABLE IF NOT EXISTS users (
   KEY idx_users_due (is_active, timezone, call_time, call_weekdays, phone_number)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
 
--- The job never writes. Give its database user SELECT on this table only, e.g.:
+-- The job's own record: one row per task id it gave a call. A row is written (and
+-- committed) before the task is created, and marked deleted before the task is
+-- deleted, so the job can tell a task that ran from one that was deleted (Cloud Tasks
+-- cannot). See README "Exactly once: how".
+CREATE TABLE IF NOT EXISTS scheduled_calls (
+  call_at     DATETIME     NOT NULL COMMENT 'the call instant, UTC',
+  user_id     BIGINT       NOT NULL,
+  alternative SMALLINT     NOT NULL COMMENT '0 = the base task id, N = its -rN alternative',
+  task_id     VARCHAR(100) NOT NULL COMMENT 'Cloud Tasks task id: the last part of the task name',
+  state       ENUM('planned', 'deleted') NOT NULL COMMENT 'planned = given to the call, deleted = taken away by reconciling',
+  reason      VARCHAR(200) NULL COMMENT 'why it was deleted',
+  called_at   DATETIME     NULL COMMENT 'for the webhook: when it placed the call (the job never sets it)',
+  updated_at  TIMESTAMP    NOT NULL DEFAULT CURRENT_TIMESTAMP ON UPDATE CURRENT_TIMESTAMP,
+  -- The job reads one window of calls (call_at range) and purges old ones by call_at.
+  PRIMARY KEY (call_at, user_id, alternative),
+  UNIQUE KEY uq_scheduled_calls_task (task_id),
+  KEY idx_scheduled_calls_user (user_id, call_at)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
+
+-- The job's database user needs exactly these privileges, e.g.:
 --   CREATE USER 'anpi_job'@'%' IDENTIFIED BY '<from Secret Manager>';
 --   GRANT SELECT ON anpi.users TO 'anpi_job'@'%';
+--   GRANT SELECT, INSERT, UPDATE, DELETE ON anpi.scheduled_calls TO 'anpi_job'@'%';
+-- Without them the job exits 2 before it creates any task, naming the missing grant.

@@ -27,10 +27,10 @@ def planned(
     cfg = config(db, **extra)
     window = Window.around(now, cfg.grace, cfg.lookahead)
     summary = RunSummary()
-    conn = main.connect(cfg)
+    conn = main.connect(cfg, streaming=True)
     try:
         rows = main.read_rows(conn, cfg, window)
-        calls = list(main.plan(rows, cfg, window, summary, threading.Event()))
+        calls = list(main.plan(rows, cfg, window, summary, threading.Event(), set()))
     finally:
         conn.close()
     return calls, summary
@@ -55,7 +55,7 @@ def full_scan(db: Database, now: dt.datetime = NOW, **extra: str) -> list[main.C
 
 
 def ids(calls: list[main.Call]) -> list[str]:
-    return sorted(c.task_id for c in calls)
+    return sorted(c.task_id() for c in calls)
 
 
 def test_time_column_decoding_nulls_and_inactive(db: Database) -> None:

@@ -186,9 +186,9 @@ def test_signal_stops_new_work_and_a_rerun_completes(
     assert first.code == 1
     assert first.summary["interrupted"] is True
     assert 0 < first.summary["tasks_created"] < 40
-    # Reading stopped too: what was planned was either created or counted as not attempted.
+    # What was planned (one record batch at most) was created or counted as not attempted.
     planned = first.summary["calls_planned"]
-    assert first.summary["tasks_created"] + first.summary["tasks_not_attempted"] == planned < 40
+    assert first.summary["tasks_created"] + first.summary["tasks_not_attempted"] == planned <= 40
     assert first.summary["tasks_failed"] == 0
     assert "finishing in-flight tasks" in first.stderr
 
@@ -235,7 +235,8 @@ def test_database_unreachable_fails_in_bounded_time() -> None:
     result = run_job(["--dry-run", "--now", NOW], env)
     assert time.monotonic() - started < 15
     assert result.code == 1
-    assert "cannot connect to the database within 3s" in result.summary["error"]
+    # The stated bound: DB_RETRY_SECONDS plus one DB_CONNECT_TIMEOUT (10 s) attempt.
+    assert "cannot connect to the database within 13s" in result.summary["error"]
 
 
 def test_wrong_password_is_not_retried(db: Database) -> None:

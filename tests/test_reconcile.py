@@ -31,6 +31,17 @@ def queue(server: FakeCloudTasks) -> list[str]:
     return server.task_ids()
 
 
+def records(db: Database, user_id: int) -> list[tuple[dt.datetime, int, str, str | None]]:
+    """The user's scheduled_calls rows: (instant, alternative, state, reason)."""
+    with db.connect() as conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT call_at, alternative, state, reason FROM scheduled_calls"
+            " WHERE user_id = %s ORDER BY call_at, alternative",
+            (user_id,),
+        )
+        return [(t.replace(tzinfo=dt.UTC), a, s, r) for t, a, s, r in cur.fetchall()]
+
+
 def test_time_change_deactivation_weekday_removal_and_deletion(
     db: Database, tasks_server: FakeCloudTasks
 ) -> None:
@@ -102,12 +113,18 @@ def test_nine_to_nine_thirty_and_back_ends_with_exactly_one_nine_oclock_task(
     db.execute("UPDATE users SET call_time = '09:00' WHERE id = 1")
     third = run_job(["--now", "2026-11-30T08:20:00+09:00"], env)
     assert third.code == 0, third.stderr
-    # 09:00's own name is a tombstone for an hour: the call lives under an alternative.
-    assert queue(tasks_server) == [main.task_id(1, at(9).astimezone(dt.UTC), retry=1)]
+    # The table says 09:00's base id was deleted: the call gets the next id, at once.
+    r1 = main.task_id(1, at(9).astimezone(dt.UTC), retry=1)
+    assert queue(tasks_server) == [r1]
     [task] = tasks_server.tasks.values()
     assert task.schedule_time.timestamp() == at(9).timestamp()
     assert json.loads(task.http_request.body)["scheduled_at"] == "2026-11-30T09:00:00+09:00"
-    assert "alternative id" in third.stderr
+    assert records(db, 1) == [
+        (at(9), 0, "deleted", "call time or weekday changed"),
+        (at(9), 1, "planned", None),
+        (at(9, 30), 0, "deleted", "call time or weekday changed"),
+    ]
+    assert [r.method for r in tasks_server.rpcs].count("GetTask") == 1  # was base still there?
     # Later runs see the alternative on the queue: nothing new, nothing deleted.
     fourth = run_job(["--now", "2026-11-30T08:30:00+09:00"], env)
     assert (fourth.summary["tasks_created"], fourth.summary["tasks_existing"]) == (0, 1)
@@ -233,15 +250,16 @@ def test_two_shards_reconciling_at_once_leave_the_union_correct(
     assert sum(r.summary["tasks_deleted"] for r in results) == len(stale)
 
 
-def test_a_late_call_that_never_ran_is_created_once_under_the_late_id(
+def test_a_late_call_that_never_ran_is_created_once_under_its_base_id(
     db: Database, tasks_server: FakeCloudTasks
 ) -> None:
     db.insert([{"id": 1, "call_weekdays": "daily", "call_time": "09:00"}])
     late = run_job(["--now", "2026-11-30T09:10:00+09:00"], job_env(db, tasks_server))
     assert late.code == 0, late.stderr
     assert late.summary["tasks_created"] == 1
-    late_id = main.task_id(1, at(9).astimezone(dt.UTC), retry=main.LATE_RETRY)
-    assert queue(tasks_server) == [late_id]  # the probes are gone again
+    assert queue(tasks_server) == [base(1, at(9))]  # no probes, no stand-ins
+    assert [r.method for r in tasks_server.rpcs] == ["ListTasks", "CreateTask"]
+    assert records(db, 1) == [(at(9), 0, "planned", None)]
     [task] = tasks_server.tasks.values()
     assert task.schedule_time.timestamp() == at(9).timestamp()
     assert json.loads(task.http_request.body)["phone_number"] == "+819012345678"
@@ -268,12 +286,12 @@ def test_a_late_run_does_not_repeat_a_call_that_ran_under_an_alternative_id(
     assert tasks_server.tasks == {}  # no second 9:00 call
 
 
-def test_a_late_probe_whose_answer_was_lost_is_not_taken_for_a_call_that_ran(
+def test_a_late_create_whose_answer_was_lost_is_one_task(
     db: Database, tasks_server: FakeCloudTasks
 ) -> None:
     db.insert([{"id": 1, "call_weekdays": "daily", "call_time": "09:00"}])
-    tasks_server.faults.timeout_after_store = 1  # the first probe is stored, then times out
+    tasks_server.faults.timeout_after_store = 1  # stored, then the answer is lost
     late = run_job(["--now", "2026-11-30T09:10:00+09:00"], job_env(db, tasks_server))
     assert late.code == 0, late.stderr
-    assert late.summary["tasks_created"] == 1
-    assert queue(tasks_server) == [main.task_id(1, at(9).astimezone(dt.UTC), retry=main.LATE_RETRY)]
+    assert late.summary["tasks_existing"] == 1  # the retry met its own task
+    assert tasks_server.created_names() == [f"{QUEUE_PATH}/tasks/{base(1, at(9))}"]

@@ -87,7 +87,7 @@ def test_four_shards_at_once_make_the_unsharded_plan_without_overlap(
     assert len(names) == len(set(names))  # no overlap
     # Calls already due (08:45-09:00) carry the late id (-r4); each call is there once.
     on_queue = [main.parse_task_id(t) for t in tasks_server.task_ids()]
-    assert sorted(n.base_id for n in on_queue if n is not None) == expected
+    assert sorted(main.task_id(*n.key) for n in on_queue if n is not None) == expected
     def user_of(task_id: str) -> int:
         return int(main.TASK_ID_RE.fullmatch(task_id)[2])  # type: ignore[index]
 
