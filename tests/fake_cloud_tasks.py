@@ -9,9 +9,15 @@ semantics the job relies on and that gcloud-tasks-emulator lacks:
 - GetTask, DeleteTask and ListTasks with pagination;
 - request validation: parent, task id characters and length, schedule_time limit.
 
+With `dispatch=True` it also runs tasks, against its clock (real or virtual): a task
+executes once the clock reaches its schedule_time, or at once when created already
+due. Each execution is recorded and leaves the name refused for an hour.
+
 Fault knobs (all off by default) let tests drive the job's error handling: fail the
 first N creates, fail a random fraction, store-then-time-out, permanent errors for
-chosen users, a missing queue, and added latency per RPC.
+chosen users, an outage of chosen methods after N more successful calls, a missing
+queue, and added latency per RPC. `on_rpc` runs after an RPC took effect and before
+its answer is sent (a test can kill the job there).
 """
 
 from __future__ import annotations
@@ -35,6 +41,14 @@ TASK_ID = re.compile(r"[A-Za-z0-9_-]{1,500}")
 THIRTY_DAYS = 30 * 86_400
 
 
+class Execution(NamedTuple):
+    """One dispatch of a task to its URL: task id, JSON body, and the clock time."""
+
+    task_id: str
+    body: dict[str, Any]
+    at: float
+
+
 class Rpc(NamedTuple):
     """One recorded call: method, task name (or parent) and the gRPC code returned."""
 
@@ -55,6 +69,10 @@ class Faults:
     latency: float = 0.0  # seconds added to every RPC
     missing_queue: bool = False  # every call answers NOT_FOUND for the queue
     list_error: grpc.StatusCode | None = None  # ListTasks fails with this code
+    # An outage: after `outage_after` more successful calls of these methods, every
+    # call of them answers UNAVAILABLE until the set is emptied.
+    outage_methods: frozenset[str] = frozenset()
+    outage_after: int = 0
 
 
 class FakeCloudTasks:
@@ -66,12 +84,16 @@ class FakeCloudTasks:
         tombstone_seconds: float = 3600.0,
         clock: Callable[[], float] = time.time,
         seed: int = 0,
+        dispatch: bool = False,
     ) -> None:
         self.tasks: dict[str, tasks_v2.Task] = {}
         self.tombstones: dict[str, float] = {}  # name -> time it is refused until
         self.rpcs: list[Rpc] = []
         self.stored: list[str] = []  # every name a create stored, in order
         self.faults = Faults()
+        self.executions: list[Execution] = []
+        self.dispatch = dispatch
+        self.on_rpc: Callable[[str], None] | None = None
         self.tombstone_seconds = tombstone_seconds
         self._clock = clock
         self._random = random.Random(seed)
@@ -133,14 +155,26 @@ class FakeCloudTasks:
             return list(self.stored)
 
     def run_due(self, now: float | None = None) -> list[str]:
-        """Dispatch (remove and tombstone) every task due at `now`, like Cloud Tasks."""
+        """Dispatch (remove, record and tombstone) every task due at `now`, in time order."""
         now = self._clock() if now is None else now
         with self._lock:
-            due = [n for n, t in self.tasks.items() if t.schedule_time.timestamp() <= now]
-            for name in due:
-                del self.tasks[name]
-                self.tombstones[name] = self._clock() + self.tombstone_seconds
-        return due
+            due = sorted(
+                (t.schedule_time.timestamp(), n)
+                for n, t in self.tasks.items()
+                if t.schedule_time.timestamp() <= now
+            )
+            for when, name in due:
+                # On its own clock a task runs at its time. Tests that pass a `now` of
+                # their own (no dispatch) keep the name refused for an hour of real time.
+                self._execute(name, when if self.dispatch else self._clock())
+        return [name for _, name in due]
+
+    def _execute(self, name: str, at: float) -> None:
+        """Run one task at clock time `at` (the lock is held)."""
+        task = self.tasks.pop(name)
+        body = json.loads(task.http_request.body or b"{}")
+        self.executions.append(Execution(name.rsplit("/", 1)[1], body, at))
+        self.tombstones[name] = at + self.tombstone_seconds
 
     def add_task(self, name: str, schedule_time: float) -> None:
         """Put a task on the queue directly, as another producer would."""
@@ -155,10 +189,13 @@ class FakeCloudTasks:
         def handler(request: Any, context: grpc.ServicerContext) -> Any:
             if self.faults.latency:
                 time.sleep(self.faults.latency)
+            if self.dispatch:
+                self.run_due()
             name = getattr(request, "name", "") or getattr(request, "parent", "")
             if method == "CreateTask":
                 name = request.task.name
             try:
+                self._outage(method)
                 result = fn(request, context)
             except _Abort as abort:
                 with self._lock:
@@ -166,9 +203,21 @@ class FakeCloudTasks:
                 context.abort(abort.code, abort.message)
             with self._lock:
                 self.rpcs.append(Rpc(method, name, "OK"))
+            if self.on_rpc is not None:
+                self.on_rpc(method)
             return result
 
         return handler
+
+    def _outage(self, method: str) -> None:
+        faults = self.faults
+        with self._lock:
+            if method not in faults.outage_methods:
+                return
+            if faults.outage_after > 0:
+                faults.outage_after -= 1
+                return
+        raise _Abort(grpc.StatusCode.UNAVAILABLE, "injected outage")
 
     def _check_queue(self, queue: str) -> None:
         if self.faults.missing_queue:
@@ -205,6 +254,8 @@ class FakeCloudTasks:
             stored.create_time = _timestamp(now)
             self.tasks[task.name] = stored
             self.stored.append(task.name)
+            if self.dispatch and task.schedule_time.timestamp() <= now:
+                self._execute(task.name, now)  # due already: it runs at once
             timeout = faults.timeout_after_store > 0
             if timeout:
                 faults.timeout_after_store -= 1

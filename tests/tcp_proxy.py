@@ -1,8 +1,10 @@
 """A TCP forwarder on 127.0.0.1 for database fault tests.
 
-It can start listening late (a database that comes up after the job started) and can
-hold the server's bytes after a budget (so a test can kill the job's connection while
-the job is part-way through reading rows).
+It can start listening late (a database that comes up after the job started), accept
+at once but reach the database only `answer_after` seconds after the proxy started (a
+Cloud SQL failover: the proxy accepts, then the server answers late), and hold the server's bytes after a
+budget (so a test can kill the job's connection while the job is part-way through
+reading rows).
 """
 
 from __future__ import annotations
@@ -14,8 +16,11 @@ import time
 
 
 class TcpProxy:
-    def __init__(self, target: tuple[str, int], *, listen_after: float = 0.0) -> None:
+    def __init__(
+        self, target: tuple[str, int], *, listen_after: float = 0.0, answer_after: float = 0.0
+    ) -> None:
         self.target = target
+        self.answer_at = time.monotonic() + answer_after
         self.budget: int | None = None  # server->client bytes forwarded before holding
         self.holding = threading.Event()  # set once the budget is spent
         self.release = threading.Event()
@@ -34,12 +39,16 @@ class TcpProxy:
                 client, _ = self._listener.accept()
             except OSError:
                 return
-            server = socket.socket()
-            # A small window keeps the server's rows on its side while the proxy holds.
-            server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
-            server.connect(self.target)
-            threading.Thread(target=self._pipe, args=(client, server, False), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(server, client, True), daemon=True).start()
+            threading.Thread(target=self._connect, args=(client,), daemon=True).start()
+
+    def _connect(self, client: socket.socket) -> None:
+        time.sleep(max(0.0, self.answer_at - time.monotonic()))
+        server = socket.socket()
+        # A small window keeps the server's rows on its side while the proxy holds.
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+        server.connect(self.target)
+        threading.Thread(target=self._pipe, args=(client, server, False), daemon=True).start()
+        threading.Thread(target=self._pipe, args=(server, client, True), daemon=True).start()
 
     def _pipe(self, source: socket.socket, sink: socket.socket, from_server: bool) -> None:
         sent = 0

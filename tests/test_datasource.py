@@ -197,3 +197,26 @@ def test_shards_are_disjoint_and_cover_the_plan(
     assert union == whole  # no call lost, and (sorted with repeats kept) none twice
     for i, part in enumerate(parts):
         assert all(int(t.split("-anpi-")[1].rsplit("-", 1)[0]) % count == i for t in part)
+
+
+def test_all_zone_queries_read_one_snapshot(db: Database) -> None:
+    """A row whose timezone changes between the per-zone queries is read exactly once:
+    moved into a zone already read, it would otherwise be read by none of them."""
+    db.insert(
+        [
+            {"id": 1, "call_weekdays": "daily", "call_time": "09:30", "timezone": "Asia/Tokyo"},
+            {"id": 2, "call_weekdays": "daily", "call_time": "00:30", "timezone": "UTC"},
+        ]
+    )
+    cfg = config(db)
+    window = Window.around(NOW, cfg.grace, cfg.lookahead)
+    conn = main.connect(cfg, streaming=True)
+    try:
+        rows = main.read_rows(conn, cfg, window)
+        first = next(rows)
+        other = 2 if first.id == 1 else 1
+        db.execute("UPDATE users SET timezone = %s WHERE id = %s", (first.timezone, other))
+        rest = list(rows)
+    finally:
+        conn.close()
+    assert sorted([first.id, *(r.id for r in rest)]) == [1, 2]

@@ -1,0 +1,364 @@
+"""Exactly once, case by case: the scheduled_calls record against the cases where what
+Cloud Tasks remembers cannot tell a task that ran from a task that was deleted.
+
+Each test runs the job as a subprocess against the real MariaDB and the in-tests Cloud
+Tasks server; with `dispatch=True` that server also runs the tasks on its clock.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime as dt
+import hashlib
+import socket
+import threading
+import time
+
+import pymysql
+import pytest
+
+import main
+from tests.conftest import (
+    DB_SETTINGS,
+    QUEUE_PATH,
+    Database,
+    JobResult,
+    job_env,
+    run_job,
+)
+from tests.fake_cloud_tasks import FakeCloudTasks
+from tests.tcp_proxy import TcpProxy
+
+JST = dt.timezone(dt.timedelta(hours=9))
+UTC = dt.UTC
+
+
+def at(hour: int, minute: int = 0, second: int = 0) -> dt.datetime:
+    return dt.datetime(2026, 11, 30, hour, minute, second, tzinfo=JST)  # a Monday
+
+
+def tid(user_id: int, when: dt.datetime, alternative: int = 0) -> str:
+    return main.task_id(user_id, when.astimezone(UTC), alternative)
+
+
+class VirtualClock:
+    def __init__(self, start: dt.datetime) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now.timestamp()
+
+
+@pytest.fixture
+def clock() -> VirtualClock:
+    return VirtualClock(at(8))
+
+
+@pytest.fixture
+def dispatching(clock: VirtualClock) -> collections.abc.Iterator[FakeCloudTasks]:
+    server = FakeCloudTasks(clock=clock, dispatch=True).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def users_at(db: Database, when: str, ids: range) -> None:
+    db.insert(
+        [
+            {"id": i, "call_weekdays": "daily", "call_time": when, "phone_number": f"+8190{i:08d}"}
+            for i in ids
+        ]
+    )
+
+
+def executions(server: FakeCloudTasks) -> collections.Counter[tuple[int, str]]:
+    """How often each call (user, scheduled_at) was delivered."""
+    return collections.Counter(
+        (e.body["user_id"], e.body["scheduled_at"]) for e in server.executions
+    )
+
+
+def records(db: Database) -> list[tuple[int, dt.datetime, int, str, str]]:
+    with db.connect() as conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT user_id, call_at, alternative, task_id, state FROM scheduled_calls"
+            " ORDER BY user_id, call_at, alternative"
+        )
+        return [(u, t.replace(tzinfo=UTC), a, i, s) for u, t, a, i, s in cur.fetchall()]
+
+
+def job(db: Database, server: FakeCloudTasks, now: dt.datetime, *args: str, **env: str) -> JobResult:
+    return run_job(["--now", now.isoformat(), *args], job_env(db, server, **env))
+
+
+# -- late calls and outages ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [0, 1, 2, 3, 4])
+def test_a_late_call_survives_an_outage_after_k_creates_and_a_retry(
+    db: Database, dispatching: FakeCloudTasks, clock: VirtualClock, k: int
+) -> None:
+    """The 08:00 run never happened; the 09:10 run creates the 09:00 calls late, meets
+    an outage after k creates and fails; Cloud Run's retry completes them."""
+    users_at(db, "09:00", range(1, 7))
+    clock.now = at(9, 10)
+    dispatching.faults.outage_methods = frozenset({"CreateTask"})
+    dispatching.faults.outage_after = k
+    first = job(db, dispatching, clock.now, ENQUEUE_DEADLINE_SECONDS="1", ENQUEUE_CONCURRENCY="1")
+    assert first.code == 1, first.stderr
+    assert first.summary["tasks_created"] == k
+    assert len(dispatching.executions) == k  # created late: each ran at once
+
+    dispatching.faults.outage_methods = frozenset()
+    clock.now = at(9, 11)
+    retry = job(db, dispatching, clock.now)
+    assert retry.code == 0, retry.stderr
+    assert (retry.summary["tasks_created"], retry.summary["tasks_existing"]) == (6 - k, k)
+    assert executions(dispatching) == {(i, "2026-11-30T09:00:00+09:00"): 1 for i in range(1, 7)}
+    assert {r[4] for r in records(db)} == {"planned"} and len(records(db)) == 6
+
+
+def test_a_run_killed_between_recording_and_creating_is_completed_by_the_next(
+    db: Database, dispatching: FakeCloudTasks, clock: VirtualClock
+) -> None:
+    users_at(db, "09:00", range(1, 4))
+    clock.now = at(9, 5)
+    dispatching.faults.missing_queue = True  # every create fails: recorded, never created
+    assert job(db, dispatching, clock.now).code == 1
+    assert len(records(db)) == 3 and dispatching.executions == []
+    dispatching.faults.missing_queue = False
+    clock.now = at(9, 12)  # later, still within GRACE
+    retry = job(db, dispatching, clock.now)
+    assert retry.code == 0, retry.stderr
+    assert retry.summary["tasks_created"] == 3
+    assert executions(dispatching) == {(i, "2026-11-30T09:00:00+09:00"): 1 for i in range(1, 4)}
+
+
+def test_a_call_wanted_again_after_its_task_was_deleted_is_made_even_late(
+    db: Database, dispatching: FakeCloudTasks, clock: VirtualClock
+) -> None:
+    """9:00 → 9:30 (the 9:00 task is deleted, its name refused for an hour) → 9:00
+    again just before nine, and the next run is late. The table says the base id was
+    deleted, so the call gets the next id and runs at once: not taken for "ran"."""
+    users_at(db, "09:00", range(1, 2))
+    assert job(db, dispatching, clock.now).code == 0
+    db.execute("UPDATE users SET call_time = '09:30' WHERE id = 1")
+    clock.now = at(8, 10)
+    assert job(db, dispatching, clock.now).summary["tasks_deleted"] == 1
+    clock.now = at(8, 58)
+    db.execute("UPDATE users SET call_time = '09:00' WHERE id = 1")
+    clock.now = at(9, 6)
+    dispatching.run_due()  # nothing at 09:00: it was deleted
+    late = job(db, dispatching, clock.now)
+    assert late.code == 0, late.stderr
+    assert [e.task_id for e in dispatching.executions] == [tid(1, at(9), 1)]
+
+
+def test_a_future_task_deleted_outside_the_job_is_created_again_under_the_next_id(
+    db: Database, tasks_server: FakeCloudTasks
+) -> None:
+    users_at(db, "09:30", range(1, 2))
+    now = dt.datetime.now(UTC).replace(microsecond=0)
+    call = (now + dt.timedelta(minutes=30)).astimezone(JST)
+    db.execute("UPDATE users SET call_time = %s", (call.time().isoformat(),))
+    env = job_env(db, tasks_server, RECONCILE="0")  # no listing: GetTask must tell
+    assert run_job(["--now", now.isoformat()], env).summary["tasks_created"] == 1
+    del tasks_server.tasks[f"{QUEUE_PATH}/tasks/{tid(1, call)}"]  # an operator's delete
+    tasks_server.tombstones[f"{QUEUE_PATH}/tasks/{tid(1, call)}"] = time.time() + 3600
+    again = run_job(["--now", now.isoformat()], env)
+    assert again.code == 0, again.stderr
+    assert again.summary["tasks_created"] == 1
+    assert tasks_server.task_ids() == [tid(1, call, 1)]
+    assert "deleted outside the job" in again.stderr
+    assert [(r[2], r[4]) for r in records(db)] == [(0, "deleted"), (1, "planned")]
+
+
+# -- the database answering late ---------------------------------------------------------
+
+
+def test_a_database_answering_35s_late_does_not_repeat_a_call_that_ran_meanwhile(
+    db: Database,
+) -> None:
+    """In real time: the call is due 15 s after the run starts; the database answers
+    after 35 s, when the task has run and left the listing. The recorded id meets
+    ALREADY_EXISTS, and the job's own clock says the call is not ahead: done."""
+    server = FakeCloudTasks(dispatch=True).start()  # the real clock
+    try:
+        start = dt.datetime.now(JST).replace(microsecond=0) + dt.timedelta(seconds=2)
+        call = start + dt.timedelta(seconds=15)
+        db.insert([{"id": 1, "call_weekdays": "daily", "call_time": call.time().isoformat()}])
+        first = run_job([], job_env(db, server))  # the previous run, an hour earlier
+        assert first.summary["tasks_created"] == 1, first.stderr
+        proxy = TcpProxy((DB_SETTINGS["host"], DB_SETTINGS["port"]), answer_after=37)
+        try:
+            env = job_env(
+                db, server, DB_HOST="127.0.0.1", DB_PORT=str(proxy.port),
+                DB_CONNECT_TIMEOUT="60", DB_READ_TIMEOUT="60",
+            )  # fmt: skip
+            late = run_job(["--now", start.isoformat()], env)
+        finally:
+            proxy.close()
+        assert late.code == 0, late.stderr
+        assert time.time() > call.timestamp() + 15  # the database really answered late
+        assert late.summary["tasks_existing"] == 1 and late.summary["tasks_created"] == 0
+        assert [e.task_id for e in server.executions] == [tid(1, call)]
+    finally:
+        server.stop()
+
+
+def test_a_database_that_accepts_and_never_answers_is_given_up_within_the_bound() -> None:
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)  # the kernel accepts; nobody ever speaks
+    accepted: list[socket.socket] = []  # held open, never answered
+
+    def hold_connections() -> None:
+        while True:
+            try:
+                accepted.append(silent.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=hold_connections, daemon=True).start()
+    env = job_env(
+        None, DB_HOST="127.0.0.1", DB_PORT=str(silent.getsockname()[1]),
+        DB_CONNECT_TIMEOUT="2", DB_RETRY_SECONDS="5", DB_READ_TIMEOUT="600",
+    )  # fmt: skip
+    started = time.monotonic()
+    try:
+        result = run_job(["--dry-run", "--now", at(9).isoformat()], env)
+    finally:
+        for sock in [silent, *accepted]:
+            sock.close()
+    elapsed = time.monotonic() - started
+    assert result.code == 1
+    assert len(accepted) >= 2  # each attempt got through TCP and then heard nothing
+    assert 4 < elapsed < 5 + 2 + 3  # DB_RETRY_SECONDS + one DB_CONNECT_TIMEOUT, plus start-up
+    assert result.stderr.count("database not reachable yet, retrying") >= 2
+    assert "within 7s (DB_RETRY_SECONDS + DB_CONNECT_TIMEOUT)" in result.summary["error"]
+
+
+# -- dry run, the record, grants ------------------------------------------------------
+
+
+def test_dry_run_ids_are_the_real_runs_ids(db: Database, tasks_server: FakeCloudTasks) -> None:
+    users_at(db, "09:00", range(1, 4))
+    users_at(db, "07:55", range(4, 5))  # due before now, within GRACE: a late call
+    assert job(db, tasks_server, at(8)).code == 0
+    db.execute("DELETE FROM users WHERE id = 2")
+    assert job(db, tasks_server, at(8, 5)).summary["tasks_deleted"] == 1
+    users_at(db, "09:00", range(2, 3))  # re-added: its base id is refused for an hour
+    users_at(db, "07:58", range(5, 6))  # another late call, never planned before
+
+    dry = job(db, tasks_server, at(8, 10), "--dry-run")
+    assert dry.code == 0, dry.stderr
+    before = records(db)
+    real = job(db, tasks_server, at(8, 10))
+    assert real.code == 0, real.stderr
+    planned = {(r[0], r[3]) for r in records(db) if r[4] == "planned"}
+    assert {(p["user_id"], p["task_id"]) for p in dry.plan} == planned
+    assert (2, tid(2, at(9), 1)) in planned and (5, tid(5, at(7, 58))) in planned
+    assert set(before) < set(records(db))  # the dry run wrote nothing the real one did
+
+
+def table_checksums(db: Database) -> tuple[object, ...]:
+    with db.connect() as conn, conn.cursor() as cur:
+        cur.execute("CHECKSUM TABLE users, scheduled_calls EXTENDED")
+        return tuple(row[1] for row in cur.fetchall())
+
+
+def test_dry_run_writes_nothing(db: Database, tasks_server: FakeCloudTasks) -> None:
+    users_at(db, "09:00", range(1, 4))
+    assert job(db, tasks_server, at(8)).code == 0
+    db.execute("UPDATE users SET call_time = '09:30' WHERE id = 1")
+    before = table_checksums(db), tasks_server.task_ids()
+    dry = job(db, tasks_server, at(8, 10), "--dry-run")
+    assert dry.code == 0, dry.stderr
+    assert any("delete" in p for p in dry.plan)  # it would change something
+    assert (table_checksums(db), tasks_server.task_ids()) == before
+
+
+def test_the_table_records_each_created_task(db: Database, tasks_server: FakeCloudTasks) -> None:
+    users_at(db, "09:00", range(1, 3))
+    db.insert([{"id": 3, "call_weekdays": "daily", "call_time": "09:20", "timezone": "UTC"}])
+    assert job(db, tasks_server, at(8)).code == 0
+    assert records(db) == [
+        (1, at(9), 0, tid(1, at(9)), "planned"),
+        (2, at(9), 0, tid(2, at(9)), "planned"),
+    ]
+    assert tasks_server.task_ids() == sorted(r[3] for r in records(db))
+
+
+@pytest.fixture
+def limited_user(db: Database) -> collections.abc.Iterator[dict[str, str]]:
+    """A database user with SELECT only, on both tables."""
+    name = "anpi_ro_" + hashlib.sha256(db.name.encode()).hexdigest()[:8]
+    with pymysql.connect(**DB_SETTINGS, autocommit=True) as conn, conn.cursor() as cur:
+        cur.execute(f"CREATE USER '{name}'@'%' IDENTIFIED BY 'pw'")
+        cur.execute(f"GRANT SELECT ON {db.name}.users TO '{name}'@'%'")
+        cur.execute(f"GRANT SELECT ON {db.name}.scheduled_calls TO '{name}'@'%'")
+    try:
+        yield {"DB_USER": name, "DB_PASSWORD": "pw"}
+    finally:
+        with pymysql.connect(**DB_SETTINGS, autocommit=True) as conn, conn.cursor() as cur:
+            cur.execute(f"DROP USER '{name}'@'%'")
+
+
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_a_select_only_user_exits_2_before_any_task(
+    db: Database, tasks_server: FakeCloudTasks, limited_user: dict[str, str], dry_run: bool
+) -> None:
+    users_at(db, "09:00", range(1, 3))
+    result = job(db, tasks_server, at(8), *(["--dry-run"] if dry_run else []), **limited_user)
+    assert result.code == 2
+    assert result.stdout == ""
+    assert "may not INSERT on scheduled_calls" in result.stderr
+    assert f"GRANT SELECT, INSERT, UPDATE, DELETE ON `{db.name}`.scheduled_calls" in result.stderr
+    assert tasks_server.rpcs == []
+
+
+def test_a_missing_table_exits_2_naming_it(db: Database, tasks_server: FakeCloudTasks) -> None:
+    users_at(db, "09:00", range(1, 3))
+    db.execute("DROP TABLE scheduled_calls")
+    result = job(db, tasks_server, at(8))
+    assert result.code == 2
+    assert "table scheduled_calls is missing" in result.stderr and "schema.sql" in result.stderr
+    assert tasks_server.rpcs == []
+
+
+# -- reconciling near the call's time, retention -------------------------------------
+
+
+def test_a_stale_task_due_within_60s_is_left_and_logged(
+    db: Database, tasks_server: FakeCloudTasks
+) -> None:
+    users_at(db, "09:00:30", range(1, 2))
+    users_at(db, "09:05", range(2, 3))
+    assert job(db, tasks_server, at(8)).code == 0
+    db.execute("UPDATE users SET is_active = 0")
+    result = job(db, tasks_server, at(9))  # 09:00:30 may be firing; 09:05 may not be yet
+    assert result.code == 0, result.stderr
+    assert (result.summary["deletes_skipped"], result.summary["tasks_deleted"]) == (1, 1)
+    assert "may be firing" in result.stderr
+    assert tasks_server.task_ids() == [tid(1, at(9, 0, 30))]
+    assert [(r[0], r[4]) for r in records(db)] == [(1, "planned"), (2, "deleted")]
+
+
+def test_old_rows_are_purged_in_batches(db: Database, tasks_server: FakeCloudTasks) -> None:
+    old = dt.datetime(2026, 10, 1, tzinfo=UTC)
+    rows = [
+        (old + dt.timedelta(minutes=i), i, 0, f"old-{i}", "planned") for i in range(12_000)
+    ] + [(dt.datetime(2026, 11, 20, tzinfo=UTC), 1, 0, "recent", "planned")]
+    with db.connect() as conn, conn.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO scheduled_calls (call_at, user_id, alternative, task_id, state)"
+            " VALUES (%s, %s, %s, %s, %s)",
+            [(t.replace(tzinfo=None), u, a, i, s) for t, u, a, i, s in rows],
+        )
+    result = job(db, tasks_server, at(8), SCHEDULED_CALLS_RETENTION_DAYS="35")
+    assert result.code == 0, result.stderr
+    assert result.summary["records_purged"] == 12_000
+    assert [r[3] for r in records(db)] == ["recent"]
+    dry = job(db, tasks_server, at(8), "--dry-run", SCHEDULED_CALLS_RETENTION_DAYS="2")
+    assert dry.summary["records_purged"] == 0 and len(records(db)) == 1
