@@ -203,7 +203,7 @@ class Simulation:
         return run, proc
 
     def finish(self, run: Run, proc: subprocess.Popen[str], began: float) -> None:
-        stdout, stderr = proc.communicate(timeout=120)
+        _stdout, stderr = proc.communicate(timeout=120)
         run.code, run.seconds = proc.returncode, time.monotonic() - began
         self.counts[f"exit {run.code}"] += 1
         if run.code not in (0, 1, -signal.SIGKILL):
