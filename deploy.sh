@@ -6,6 +6,10 @@
 #
 # Settings come from the environment or from deploy.env beside this script (see
 # deploy.env.example). Run ./deploy.sh --help for the flags.
+#
+# Not created here: the Cloud SQL tables and the job's database user. Load schema.sql
+# and grant that user SELECT on users and SELECT, INSERT, UPDATE, DELETE on
+# scheduled_calls; without them the job (and the smoke test) exits 2 naming the grant.
 set -euo pipefail
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

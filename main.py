@@ -893,15 +893,16 @@ RECORD_COLUMNS = "call_at, user_id, alternative, task_id, state, reason"
 # Every statement the job runs on scheduled_calls, each run once with nothing to touch,
 # so a missing table, column or grant shows before any task is created.
 RECORD_CHECKS = (
-    ("SELECT", "SELECT id, phone_number, call_weekdays, call_time, timezone FROM users LIMIT 0"),
-    ("SELECT", f"SELECT {RECORD_COLUMNS} FROM scheduled_calls LIMIT 0"),
+    ("SELECT", "users", f"SELECT {USER_COLUMNS}, is_active FROM users LIMIT 0"),
+    ("SELECT", "scheduled_calls", f"SELECT {RECORD_COLUMNS} FROM scheduled_calls LIMIT 0"),
     (
         "INSERT",
+        "scheduled_calls",
         f"INSERT INTO scheduled_calls ({RECORD_COLUMNS})"
         f" SELECT {RECORD_COLUMNS} FROM scheduled_calls WHERE FALSE",
     ),
-    ("UPDATE", "UPDATE scheduled_calls SET state = state WHERE FALSE"),
-    ("DELETE", "DELETE FROM scheduled_calls WHERE FALSE"),
+    ("UPDATE", "scheduled_calls", "UPDATE scheduled_calls SET state = state WHERE FALSE"),
+    ("DELETE", "scheduled_calls", "DELETE FROM scheduled_calls WHERE FALSE"),
 )
 
 
@@ -947,8 +948,7 @@ class CallRecord:
             f"GRANT SELECT ON `{config.db_name}`.users TO {user}; GRANT SELECT, INSERT,"
             f" UPDATE, DELETE ON `{config.db_name}`.scheduled_calls TO {user}"
         )
-        for privilege, sql in RECORD_CHECKS:
-            table = "users" if " users " in f"{sql} " else "scheduled_calls"
+        for privilege, table, sql in RECORD_CHECKS:
             try:
                 with self._lock, self._conn.cursor() as cur:
                     cur.execute(sql)
