@@ -17,6 +17,7 @@ import datetime as dt
 import functools
 import hashlib
 import ipaddress
+import itertools
 import json
 import logging
 import os
@@ -30,7 +31,7 @@ import urllib.parse
 import zoneinfo
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import pymysql
 from dotenv import dotenv_values
@@ -52,6 +53,11 @@ FIRING_MARGIN = dt.timedelta(seconds=60)
 # Ids a call may be given (0 = base id, n = "-rN"); past this something is deleting
 # the job's tasks in a loop, and the call fails loudly instead.
 MAX_ALTERNATIVE = 20
+# A recorded id is created again only while Cloud Tasks surely still refuses its name
+# if it ran (about an hour): older, "ran" and "never created" look alike.
+MAX_RECREATE_AGE = dt.timedelta(minutes=50)
+# How long a run waits for another run of its shard to finish (see `CallRecord.lock`).
+RUN_LOCK_WAIT_SECONDS = 120
 # Rows per scheduled_calls write, and per retention DELETE.
 RECORD_BATCH = 500
 PURGE_BATCH = 5000
@@ -888,7 +894,7 @@ def local_time_ranges(zone: zoneinfo.ZoneInfo, window: Window) -> list[tuple[int
 # Call record: the scheduled_calls table, which task id each call was given
 # ---------------------------------------------------------------------------
 
-PLANNED, DELETED = "planned", "deleted"
+PLANNED, DELETING, DELETED = "planned", "deleting", "deleted"
 RECORD_COLUMNS = "call_at, user_id, alternative, task_id, state, reason"
 # Every statement the job runs on scheduled_calls, each run once with nothing to touch,
 # so a missing table, column or grant shows before any task is created.
@@ -919,9 +925,15 @@ class Choice(NamedTuple):
     """The id a run gives a call, and why (see `CallRecord.choose`)."""
 
     alternative: int
-    pending: bool  # the listing shows this id on the queue: nothing to create
-    record_first: bool  # not yet recorded as planned: record it before anything else
-    earlier: tuple[int, ...] = ()  # ids marked deleted: check none is still pending
+    pending: bool = False  # the listing shows this id on the queue: nothing to create
+    recorded: bool = False  # recorded planned already: the task may exist or have run
+    # Ids whose delete was begun but never confirmed: one may still be pending, or have run.
+    unconfirmed: tuple[int, ...] = ()
+
+    @property
+    def record_first(self) -> bool:
+        """Whether the batch must record this id before anything is created."""
+        return not self.recorded and not self.unconfirmed
 
 
 class CallRecord:
@@ -989,19 +1001,34 @@ class CallRecord:
            else the lowest): it is on the queue, so nothing is created.
         2. Otherwise the id recorded planned (the highest, should there be several):
            created again, where ALREADY_EXISTS means it exists or already ran.
-        3. Otherwise the next id after every recorded (deleted) one; the base id when
-           the call has no row. It is recorded before it is created.
+        3. Otherwise the next id after every recorded (deleting or deleted) one; the
+           base id when the call has no row. It is recorded before it is created.
         Deterministic from the table and the listing, so concurrent runs agree.
         """
         rows = self._rows.get(key, {})
         planned = sorted(a for a, state in rows.items() if state == PLANNED)
         if pending:
             alternative = next((a for a in planned if a in pending), min(pending))
-            return Choice(alternative, True, rows.get(alternative) != PLANNED)
+            return Choice(alternative, pending=True, recorded=alternative in planned)
         if planned:
-            return Choice(planned[-1], False, False)
-        earlier = tuple(sorted(rows))
-        return Choice(max(earlier, default=-1) + 1, False, not earlier, earlier)
+            return Choice(planned[-1], recorded=True)
+        unconfirmed = tuple(sorted(a for a, state in rows.items() if state == DELETING))
+        return Choice(max(rows, default=-1) + 1, unconfirmed=unconfirmed)
+
+    def lock(self) -> bool:
+        """Hold this shard's run lock (MySQL GET_LOCK) until the connection closes.
+
+        Runs of one shard then never overlap, so no run acts on an older snapshot of
+        `users` than one that already finished. The server drops the lock when the
+        holder's connection ends, a killed container's included. False when another
+        run still held it after RUN_LOCK_WAIT_SECONDS.
+        """
+        with self._query() as cur:
+            cur.execute(
+                "SELECT GET_LOCK(%s, %s)", (run_lock_name(self._config), RUN_LOCK_WAIT_SECONDS)
+            )
+            (held,) = cur.fetchone()
+        return held == 1
 
     def write(self, entries: Sequence[Entry]) -> None:
         """Upsert `entries` in one statement per RECORD_BATCH rows, each committed."""
@@ -1044,6 +1071,12 @@ class CallRecord:
                 yield cur
         except pymysql.err.MySQLError as exc:
             raise DatabaseError(f"scheduled_calls: {exc}") from exc
+
+
+def run_lock_name(config: Config) -> str:
+    """The GET_LOCK name of this shard: database, queue and shard (at most 64 chars)."""
+    scope = f"{config.db_name}|{config.queue_path}|{config.task_index}/{config.task_count}"
+    return "anpi-call-scheduler:" + hashlib.sha256(scope.encode()).hexdigest()[:40]
 
 
 def _naive_utc(instant: dt.datetime) -> dt.datetime:
@@ -1091,6 +1124,7 @@ class TaskSink:
         self._client = client
         self._config = config
         self._stop = stop
+        self._get_denied = threading.Event()
         self._retry = retries.Retry(
             predicate=retries.if_exception_type(
                 gexc.ServiceUnavailable,
@@ -1201,6 +1235,21 @@ class TaskSink:
             return True
         except gexc.NotFound:
             return False
+
+    def exists_or_unknown(self, task_id: str) -> bool:
+        """`exists`, except that without permission to look (an enqueuer-only account,
+        RECONCILE=0) the task is taken to exist, with one warning per run."""
+        try:
+            return self.exists(task_id)
+        except gexc.PermissionDenied as exc:
+            if not self._get_denied.is_set():
+                self._get_denied.set()
+                log.warning(
+                    "GetTask denied, so a task deleted outside the job cannot be noticed"
+                    " (grant roles/cloudtasks.viewer on the queue): %s",
+                    exc.message,
+                )
+            return True
 
     def delete(self, task_id: str) -> bool:
         """Delete `task_id`; False when it was already gone (ran or deleted); errors raise."""
@@ -1314,6 +1363,7 @@ class RunSummary:
 
 
 Clock = Callable[[], dt.datetime]
+T = TypeVar("T")
 
 
 def plan(
@@ -1366,46 +1416,69 @@ def choose_ids(
     With a listing (`pending`), every call's id also goes to `chosen`, which is what
     reconciling keeps.
     """
-    batch: list[tuple[Call, Choice]] = []
-    for call in calls:
-        choice = record.choose(call.key, None if pending is None else pending.get(call.key))
-        if pending is not None:
-            chosen[call.key] = choice.alternative
-        batch.append((call, choice))
-        if len(batch) == RECORD_BATCH:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+    for batch in _chunks(calls, RECORD_BATCH):
+        choices = []
+        for call in batch:
+            choice = record.choose(call.key, None if pending is None else pending.get(call.key))
+            if pending is not None:
+                chosen[call.key] = choice.alternative
+            choices.append((call, choice))
+        yield choices
+
+
+def _chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """Consecutive lists of up to `size` items, read lazily."""
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
 
 
 def place(call: Call, choice: Choice, sink: TaskSink, record: CallRecord, clock: Clock) -> str:
     """Make sure the call's chosen id is on the queue or has run: CREATED, EXISTING, FAILED.
 
-    The id is recorded already (or, when earlier ids were deleted, recorded here once
-    none of them turns out to be still pending). ALREADY_EXISTS means the task exists
-    or ran within the hour: the call's instant is at most GRACE old. The one exception
-    is a call still more than FIRING_MARGIN ahead of the job's clock that GetTask
-    cannot find: someone deleted it outside the job, so it gets the next id, recorded
-    (old id deleted, new planned, one statement) before it is created.
+    The id is recorded already, or, when an earlier id's delete was never confirmed,
+    recorded here once that task is known not to be pending and not to have run.
+    ALREADY_EXISTS means the task exists or ran within the hour (a recorded id is
+    created again only while younger than MAX_RECREATE_AGE). The one exception is a
+    call still more than FIRING_MARGIN ahead of the job's clock that GetTask cannot
+    find: someone deleted it outside the job, so it gets the next id, recorded (old id
+    deleted, new planned, one statement) before it is created.
     """
     key, alternative = call.key, choice.alternative
     extra = {"user_id": call.user_id, "task_id": call.task_id(alternative)}
+
+    def ahead() -> bool:
+        """Still too far ahead to have fired, by the job's clock now."""
+        return call.instant > clock() + FIRING_MARGIN
+
     try:
-        if choice.earlier:
-            # A delete that the table records but that never reached the queue (the run
-            # died in between) leaves the task pending: keep that one, create nothing.
-            for earlier in reversed(choice.earlier):
+        if alternative > MAX_ALTERNATIVE:
+            log.error("every task id of this call was used up; not created", extra=extra)
+            return FAILED
+        if choice.recorded and call.instant < clock() - MAX_RECREATE_AGE:
+            log.error("call too old to tell whether its task ran; not created again", extra=extra)
+            return FAILED
+        if choice.unconfirmed:
+            # The run that began deleting it died, or its delete failed: the task may be
+            # pending (keep it), deleted (make a new one), or may have run (create none).
+            for earlier in reversed(choice.unconfirmed):
                 if sink.exists(call.task_id(earlier)):
                     record.write([Entry(key, earlier, PLANNED)])
                     return EXISTING
+            if not ahead():
+                log.error(
+                    "cannot tell whether this call already ran: its task was being deleted"
+                    " and is gone; not created again, so that it is not made twice",
+                    extra=extra,
+                )
+                return FAILED
             record.write([Entry(key, alternative, PLANNED)])
         while True:
             outcome = sink.create(call, call.task_id(alternative))
-            if outcome != EXISTING or call.instant <= clock() + FIRING_MARGIN:
+            if outcome != EXISTING or not ahead():
                 return outcome
-            if sink.exists(call.task_id(alternative)):
-                return EXISTING
+            if sink.exists_or_unknown(call.task_id(alternative)) or not ahead():
+                return EXISTING  # pending, or GetTask was slow and it may have run since
             if alternative >= MAX_ALTERNATIVE:
                 log.error("every task id of this call was deleted outside the job", extra=extra)
                 return FAILED
@@ -1449,9 +1522,8 @@ def enqueue(
     fatal = threading.Event()
     sink: TaskSink | None = None
 
-    def give_up(exc: Exception, calls: int = 1) -> None:
+    def give_up(exc: Exception) -> None:
         with lock:
-            summary.tasks_not_attempted += calls
             if not fatal.is_set():
                 fatal.set()
                 summary.fail(str(exc))
@@ -1461,6 +1533,8 @@ def enqueue(
         exc = future.exception()
         if isinstance(exc, FatalQueueError):
             give_up(exc)
+            with lock:
+                summary.tasks_not_attempted += 1
             return
         with lock:
             if exc is not None:
@@ -1469,9 +1543,14 @@ def enqueue(
             else:
                 summary.count(future.result())
 
-    def not_attempted(calls: int = 1) -> None:
+    def not_attempted(calls: Sequence[tuple[Call, Choice]]) -> None:
+        """Count calls left undone; those the listing shows pending are done anyway."""
         with lock:
-            summary.tasks_not_attempted += calls
+            for _, choice in calls:
+                if choice.pending:
+                    summary.count(EXISTING)
+                else:
+                    summary.tasks_not_attempted += 1
 
     def wait_for_slot() -> bool:
         while not slots.acquire(timeout=0.2):
@@ -1481,34 +1560,26 @@ def enqueue(
 
     with ThreadPoolExecutor(config.enqueue_concurrency, thread_name_prefix="enqueue") as pool:
         for batch in batches:
-            if fatal.is_set() or stop.is_set():
-                not_attempted(len(batch))
-                if stop.is_set():
-                    break
-                continue
-            try:
-                record.write(
-                    [Entry(c.key, ch.alternative, PLANNED) for c, ch in batch if ch.record_first]
-                )
-            except DatabaseError as exc:
-                give_up(exc, len(batch))
-                continue
+            if stop.is_set():
+                not_attempted(batch)
+                break
+            if not fatal.is_set():
+                new = [Entry(c.key, ch.alternative, PLANNED) for c, ch in batch if ch.record_first]
+                try:
+                    record.write(new)
+                except DatabaseError as exc:
+                    give_up(exc)
             for i, (call, choice) in enumerate(batch):
-                if choice.pending:
-                    with lock:
-                        summary.count(EXISTING)
-                    continue
-                if sink is None and not fatal.is_set():
+                if not choice.pending and sink is None and not fatal.is_set():
                     try:
                         sink = make_sink()
                     except FatalQueueError as exc:
                         give_up(exc)
-                        continue
-                if fatal.is_set():
-                    not_attempted()
+                if choice.pending or fatal.is_set():
+                    not_attempted([(call, choice)])
                     continue
                 if stop.is_set() or not wait_for_slot():
-                    not_attempted(len(batch) - i)
+                    not_attempted(batch[i:])
                     break
                 assert sink is not None
                 limiter.wait()
@@ -1576,49 +1647,76 @@ def reconcile(
     clock: Clock,
     out: Callable[[str], None] | None,
 ) -> None:
-    """Mark the stale tasks deleted in the table (one commit), then delete them,
-    ENQUEUE_CONCURRENCY at a time. A task due within FIRING_MARGIN may be firing: it is
-    logged and left. With `out` (a dry run) each deletion is printed instead."""
-    horizon = clock() + FIRING_MARGIN
-    doomed = []
-    for item in stale:
-        if item.key.instant <= horizon:
-            summary.deletes_skipped += 1
-            log.warning(
-                "stale task left on the queue: it is due within %ds and may be firing",
-                FIRING_MARGIN.total_seconds(),
-                extra={"user_id": item.key.user_id, "task_id": item.task_id, "reason": item.reason},
-            )
-        else:
-            doomed.append(item)
-    if out is not None:
-        for item in doomed:
-            out(json.dumps(item.plan_line(), ensure_ascii=False))
-        return
-    try:
-        record.write([Entry(i.key, i.alternative, DELETED, i.reason) for i in doomed])
-    except DatabaseError as exc:
-        summary.fail(f"could not record the stale tasks, so deleted none: {exc}")
-        summary.deletes_failed += len(doomed)
-        return
+    """Delete the stale tasks, RECORD_BATCH at a time: mark them deleting (one commit),
+    delete them ENQUEUE_CONCURRENCY at a time, then confirm deleted (one commit) those
+    whose delete answered while the call was still FIRING_MARGIN ahead: only those
+    surely never ran. A task due within FIRING_MARGIN may be firing: it is logged and
+    left, checked again right before its own delete. With `out` (a dry run) each
+    deletion is printed instead.
+    """
+    left = "left"
 
-    def delete(item: Stale) -> bool | None:
+    def firing(item: Stale) -> bool:
+        if item.key.instant > clock() + FIRING_MARGIN:
+            return False
+        log.warning(
+            "stale task left on the queue: it is due within %ds and may be firing",
+            FIRING_MARGIN.total_seconds(),
+            extra={"user_id": item.key.user_id, "task_id": item.task_id, "reason": item.reason},
+        )
+        return True
+
+    def delete(item: Stale) -> bool | str | None:
+        """True deleted, False already gone, `left` too close now, None failed."""
         extra = {"user_id": item.key.user_id, "task_id": item.task_id, "reason": item.reason}
         try:
+            if firing(item):
+                record.write([Entry(item.key, item.alternative, PLANNED)])  # undo the mark
+                return left
             gone = sink.delete(item.task_id)
-        except (gexc.GoogleAPICallError, gexc.RetryError, FatalQueueError) as exc:
+        except (gexc.GoogleAPICallError, gexc.RetryError, FatalQueueError, DatabaseError) as exc:
             log.error("could not delete a stale task: %s", exc, extra=extra)
             return None
         if gone:
             log.info("deleted a stale task", extra=extra)
         return gone
 
+    if out is not None:
+        for item in stale:
+            if firing(item):
+                summary.deletes_skipped += 1
+            else:
+                out(json.dumps(item.plan_line(), ensure_ascii=False))
+        return
     with ThreadPoolExecutor(config.enqueue_concurrency, thread_name_prefix="delete") as pool:
-        for outcome in pool.map(delete, doomed):
-            if outcome is None:
-                summary.deletes_failed += 1
-            elif outcome:
-                summary.tasks_deleted += 1
+        for chunk in _chunks(stale, RECORD_BATCH):
+            doomed = []
+            for item in chunk:
+                if firing(item):
+                    summary.deletes_skipped += 1
+                else:
+                    doomed.append(item)
+            try:
+                record.write([Entry(i.key, i.alternative, DELETING, i.reason) for i in doomed])
+            except DatabaseError as exc:
+                summary.fail(f"could not record the stale tasks, so deleted none: {exc}")
+                summary.deletes_failed += len(doomed)
+                return
+            confirmed = []
+            for item, outcome in zip(doomed, pool.map(delete, doomed), strict=True):
+                if outcome is None:
+                    summary.deletes_failed += 1
+                elif outcome == left:
+                    summary.deletes_skipped += 1
+                else:
+                    summary.tasks_deleted += bool(outcome)
+                    if item.key.instant > clock() + FIRING_MARGIN:
+                        confirmed.append(Entry(item.key, item.alternative, DELETED, item.reason))
+            try:
+                record.write(confirmed)
+            except DatabaseError as exc:  # they stay "deleting": safe, only less certain
+                summary.fail(f"could not confirm deleted tasks: {exc}")
+                return
 
 
 def run(
@@ -1665,6 +1763,21 @@ def run(
             stack.callback(_close, writer)
             record = CallRecord(writer, config)
             record.check()
+            if not dry_run:
+                waiting = time.monotonic()
+                if not record.lock():
+                    summary.fail(
+                        f"another run of shard {summary.shard} still held the run lock"
+                        f" after {RUN_LOCK_WAIT_SECONDS}s; this run did nothing"
+                    )
+                    return summary
+                if (waited := time.monotonic() - waiting) > 1:
+                    # Plan for when the run really begins, not for when it was started.
+                    now, started = clock(), time.monotonic()
+                    window = Window.around(now, config.grace, config.lookahead)
+                    summary.window_start = window.start.isoformat()
+                    summary.window_end = window.end.isoformat()
+                    log.info("waited %.0fs for another run of this shard", waited)
             record.load(window)
             reader = connect(config, streaming=True)
             stack.callback(_close, reader)
@@ -1783,6 +1896,15 @@ def main(
         print(f"anpi-call-scheduler: {exc}", file=sys.stderr)
         return 2
     if args.now is not None:
+        if not args.dry_run and config.emulator_host is None:
+            # Against the real queue the safety margins need the real clock: a real run
+            # "as if" two hours ago would create calls that ran and were forgotten.
+            print(
+                "anpi-call-scheduler: --now needs --dry-run, or a local Cloud Tasks"
+                " endpoint (CLOUD_TASKS_EMULATOR_HOST)",
+                file=sys.stderr,
+            )
+            return 2
         try:
             now = parse_now(args.now, config.default_timezone)
         except ValueError:

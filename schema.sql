@@ -20,15 +20,17 @@ CREATE TABLE IF NOT EXISTS users (
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
 
 -- The job's own record: one row per task id it gave a call. A row is written (and
--- committed) before the task is created, and marked deleted before the task is
--- deleted, so the job can tell a task that ran from one that was deleted (Cloud Tasks
--- cannot). See README "Exactly once: how".
+-- committed) before the task is created, marked deleting before the task is deleted,
+-- and deleted once DeleteTask answered while the call was still ahead, so the job can
+-- tell a task that ran from one that was deleted (Cloud Tasks cannot). See README
+-- "Exactly once: how".
 CREATE TABLE IF NOT EXISTS scheduled_calls (
   call_at     DATETIME     NOT NULL COMMENT 'the call instant, UTC',
   user_id     BIGINT       NOT NULL,
   alternative SMALLINT     NOT NULL COMMENT '0 = the base task id, N = its -rN alternative',
   task_id     VARCHAR(100) NOT NULL COMMENT 'Cloud Tasks task id: the last part of the task name',
-  state       ENUM('planned', 'deleted') NOT NULL COMMENT 'planned = given to the call, deleted = taken away by reconciling',
+  state       ENUM('planned', 'deleting', 'deleted') NOT NULL
+              COMMENT 'planned = given to the call, deleting = being deleted (may have run), deleted = surely deleted before its time',
   reason      VARCHAR(200) NULL COMMENT 'why it was deleted',
   called_at   DATETIME     NULL COMMENT 'for the webhook: when it placed the call (the job never sets it)',
   updated_at  TIMESTAMP    NOT NULL DEFAULT CURRENT_TIMESTAMP ON UPDATE CURRENT_TIMESTAMP,

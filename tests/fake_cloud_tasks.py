@@ -73,6 +73,9 @@ class Faults:
     # call of them answers UNAVAILABLE until the set is emptied.
     outage_methods: frozenset[str] = frozenset()
     outage_after: int = 0
+    # Per method: seconds added to each call, and a code every call answers.
+    method_latency: dict[str, float] = dataclasses.field(default_factory=dict)
+    method_errors: dict[str, grpc.StatusCode] = dataclasses.field(default_factory=dict)
 
 
 class FakeCloudTasks:
@@ -187,8 +190,8 @@ class FakeCloudTasks:
 
     def _wrap(self, method: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def handler(request: Any, context: grpc.ServicerContext) -> Any:
-            if self.faults.latency:
-                time.sleep(self.faults.latency)
+            if delay := self.faults.latency + self.faults.method_latency.get(method, 0.0):
+                time.sleep(delay)
             if self.dispatch:
                 self.run_due()
             name = getattr(request, "name", "") or getattr(request, "parent", "")
@@ -211,6 +214,8 @@ class FakeCloudTasks:
 
     def _outage(self, method: str) -> None:
         faults = self.faults
+        if method in faults.method_errors:
+            raise _Abort(faults.method_errors[method], f"injected {method} failure")
         with self._lock:
             if method not in faults.outage_methods:
                 return

@@ -8,12 +8,14 @@ Tasks server; with `dispatch=True` that server also runs the tasks on its clock.
 from __future__ import annotations
 
 import collections
+import contextlib
 import datetime as dt
 import hashlib
 import socket
 import threading
 import time
 
+import grpc
 import pymysql
 import pytest
 
@@ -362,3 +364,150 @@ def test_old_rows_are_purged_in_batches(db: Database, tasks_server: FakeCloudTas
     assert [r[3] for r in records(db)] == ["recent"]
     dry = job(db, tasks_server, at(8), "--dry-run", SCHEDULED_CALLS_RETENTION_DAYS="2")
     assert dry.summary["records_purged"] == 0 and len(records(db)) == 1
+
+
+# -- what a fresh review found: slow answers, unconfirmed deletes, old calls, overlap ----
+
+
+def insert_record(db: Database, user_id: int, when: dt.datetime, alternative: int, state: str) -> None:
+    with db.connect() as conn, conn.cursor() as cur:
+        cur.execute(
+            "INSERT INTO scheduled_calls (call_at, user_id, alternative, task_id, state)"
+            " VALUES (%s, %s, %s, %s, %s)",
+            (
+                when.astimezone(UTC).replace(tzinfo=None),
+                user_id,
+                alternative,
+                tid(user_id, when, alternative),
+                state,
+            ),
+        )
+
+
+def soon(seconds: int) -> dt.datetime:
+    """A whole second `seconds` from the real now, in JST."""
+    return (dt.datetime.now(JST) + dt.timedelta(seconds=seconds)).replace(microsecond=0)
+
+
+def test_a_slow_gettask_is_not_taken_for_a_delete_once_the_call_may_have_fired(
+    db: Database, tasks_server: FakeCloudTasks
+) -> None:
+    """ALREADY_EXISTS 63 s ahead, then GetTask answers NOT_FOUND 5 s later: by then the
+    call is within the firing margin, so it may have run. No new id."""
+    call = soon(63)
+    db.insert([{"id": 1, "call_weekdays": "daily", "call_time": call.time().isoformat()}])
+    insert_record(db, 1, call, 0, "planned")
+    tasks_server.tombstones[f"{QUEUE_PATH}/tasks/{tid(1, call)}"] = time.time() + 3600
+    tasks_server.faults.method_latency["GetTask"] = 5.0
+    result = run_job([], job_env(db, tasks_server, RECONCILE="0"))
+    assert result.code == 0, result.stderr
+    assert result.summary["tasks_existing"] == 1
+    assert tasks_server.created_names() == []
+    assert [r.method for r in tasks_server.rpcs] == ["CreateTask", "GetTask"]
+
+
+def test_an_unconfirmed_delete_of_a_past_call_is_not_made_twice(
+    db: Database, tasks_server: FakeCloudTasks
+) -> None:
+    """A run marked the 09:00 task deleting and died before DeleteTask; the task ran.
+    The user wants 09:00 again and the run is late: it cannot tell, so it creates
+    nothing and says so (exit 1), rather than call twice."""
+    users_at(db, "09:00", range(1, 2))
+    insert_record(db, 1, at(9), 0, "deleting")
+    result = job(db, tasks_server, at(9, 5))
+    assert result.code == 1
+    assert result.summary["tasks_failed"] == 1
+    assert "cannot tell whether this call already ran" in result.stderr
+    assert tasks_server.created_names() == []
+
+
+def test_an_unconfirmed_delete_whose_task_is_still_pending_is_kept(
+    db: Database, tasks_server: FakeCloudTasks
+) -> None:
+    users_at(db, "09:00", range(1, 2))
+    insert_record(db, 1, at(9), 0, "deleting")
+    tasks_server.add_task(f"{QUEUE_PATH}/tasks/{tid(1, at(9))}", at(9).timestamp())
+    result = job(db, tasks_server, at(8), RECONCILE="0")  # no listing: GetTask tells
+    assert result.code == 0, result.stderr
+    assert result.summary["tasks_existing"] == 1
+    assert tasks_server.created_names() == []
+    assert [(r[2], r[4]) for r in records(db)] == [(0, "planned")]
+
+
+def test_an_unconfirmed_delete_of_a_future_call_gets_the_next_id(
+    db: Database, tasks_server: FakeCloudTasks
+) -> None:
+    users_at(db, "09:00", range(1, 2))
+    insert_record(db, 1, at(9), 0, "deleting")  # its task is gone, and 09:00 is ahead
+    result = job(db, tasks_server, at(8))
+    assert result.code == 0, result.stderr
+    assert tasks_server.task_ids() == [tid(1, at(9), 1)]
+
+
+def test_a_delete_that_answers_inside_the_margin_stays_unconfirmed(
+    db: Database, tasks_server: FakeCloudTasks
+) -> None:
+    """Deleted 62 s ahead, but DeleteTask answered 3 s later, inside the margin: the
+    record keeps `deleting`, because the task may have been dispatched."""
+    call = soon(62)
+    db.insert([{"id": 1, "call_weekdays": "daily", "call_time": call.time().isoformat()}])
+    env = job_env(db, tasks_server)
+    assert run_job([], env).summary["tasks_created"] == 1
+    db.execute("UPDATE users SET is_active = 0")
+    tasks_server.faults.method_latency["DeleteTask"] = 3.0
+    result = run_job([], env)
+    assert result.code == 0, result.stderr
+    assert result.summary["tasks_deleted"] == 1
+    assert [r[4] for r in records(db)] == ["deleting"]
+
+
+def test_a_recorded_call_older_than_50_minutes_is_not_created_again(
+    db: Database, tasks_server: FakeCloudTasks
+) -> None:
+    """Cloud Tasks forgets names after about an hour: "ran" and "never created" look
+    alike, so an old recorded call fails loudly instead of perhaps calling twice."""
+    users_at(db, "09:00", range(1, 2))
+    insert_record(db, 1, at(9), 0, "planned")
+    result = job(db, tasks_server, at(9, 55), GRACE_MINUTES="59")
+    assert result.code == 1
+    assert "too old to tell whether its task ran" in result.stderr
+    assert tasks_server.created_names() == []
+
+
+def test_without_gettask_permission_a_pending_call_still_counts_as_existing(
+    db: Database, tasks_server: FakeCloudTasks
+) -> None:
+    """An enqueuer-only account with RECONCILE=0: the second run's ALREADY_EXISTS cannot
+    be checked, so it is taken to exist, with one warning, not a failure per call."""
+    users_at(db, "09:00", range(1, 4))
+    assert job(db, tasks_server, at(8), RECONCILE="0").summary["tasks_created"] == 3
+    tasks_server.faults.method_errors["GetTask"] = grpc.StatusCode.PERMISSION_DENIED
+    again = job(db, tasks_server, at(8, 30), RECONCILE="0")
+    assert again.code == 0, again.stderr
+    assert again.summary["tasks_existing"] == 3
+    assert again.stderr.count("GetTask denied") == 1
+
+
+def test_a_run_waits_for_another_run_of_its_shard(
+    db: Database, tasks_server: FakeCloudTasks
+) -> None:
+    """Runs of one shard never overlap: the second waits on the run lock (MySQL
+    GET_LOCK, dropped when its holder's connection ends) and then plans for its time."""
+    users_at(db, "09:00", range(1, 3))
+    env = job_env(db, tasks_server)
+    name = main.run_lock_name(main.Config.from_env(env))
+    holder = db.connect()
+    try:
+        with holder.cursor() as cur:
+            cur.execute("SELECT GET_LOCK(%s, 0)", (name,))
+            assert cur.fetchone() == (1,)
+        threading.Timer(3, holder.close).start()  # the other run ends
+        started = time.monotonic()
+        result = run_job(["--now", at(8).isoformat()], env)
+    finally:
+        with contextlib.suppress(pymysql.err.Error):  # closed already by the timer
+            holder.close()
+    assert result.code == 0, result.stderr
+    assert time.monotonic() - started > 2.5
+    assert "waited" in result.stderr and result.summary["tasks_created"] == 2
+    assert dt.datetime.fromisoformat(result.summary["window_start"]) > at(7, 45, 2)

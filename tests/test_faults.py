@@ -146,7 +146,9 @@ def test_missing_queue_stops_with_one_message(db: Database, tasks_server: FakeCl
 
 
 def test_missing_credentials_stop_with_one_message(db: Database) -> None:
-    daily_users(db, 20)
+    # A real run against the real API plans for the real clock (no --now): calls in 30 min.
+    soon = dt.datetime.now(dt.timezone(dt.timedelta(hours=9))) + dt.timedelta(minutes=30)
+    daily_users(db, 20, at=soon.strftime("%H:%M:%S"))
     with tempfile.TemporaryDirectory() as home:
         # No emulator: the real client asks google-auth, which finds nothing and, with
         # the offline settings from conftest, fails locally without probing the network.
@@ -157,7 +159,9 @@ def test_missing_credentials_stop_with_one_message(db: Database) -> None:
             HOME=home,
             CLOUDSDK_CONFIG=home,
         )
-        result = run_job(["--now", NOW], env)
+        refused = run_job(["--now", NOW], env)
+        result = run_job([], env)
+    assert refused.code == 2 and "--now needs --dry-run" in refused.stderr
     assert result.code == 1
     [message] = [line for line in result.stderr.splitlines() if "CRITICAL" in line]
     assert "no Google credentials" in message

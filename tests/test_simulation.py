@@ -286,7 +286,7 @@ class Simulation:
         for hour in range(HOURS):
             slot = START + dt.timedelta(hours=hour)
             # Families change settings between the runs.
-            for offset in sorted(self.rng.uniform(1, 40) for _ in range(self.rng.randint(0, 6))):
+            for offset in sorted(self.rng.uniform(1, 40) for _ in range(self.rng.randint(0, 9))):
                 change_at = slot - dt.timedelta(minutes=offset)
                 if change_at > self.now:
                     self.advance(change_at)
