@@ -79,7 +79,7 @@ def seed(name: str, users: int, call_time_sql: str, mixed: bool = True) -> None:
             cur.execute(statement)
         cur.execute(
             "INSERT INTO users (id, phone_number, call_weekdays, call_time, timezone, is_active)"
-            " SELECT seq, CONCAT('+8190', LPAD(seq, 8, '0')),"
+            " SELECT seq, CONCAT('+81901', LPAD(seq, 7, '0')),"
             f" {weekdays}, {call_time_sql}, {zone}, {active}"
             f" FROM seq_1_to_{users}"
         )

@@ -5,7 +5,7 @@ MySQL, works out each call's exact instant in the user's zone (JST by default), 
 the task id it gives each call in `scheduled_calls`, then creates that Cloud Tasks HTTP
 task; at the call's instant the task POSTs to the call webhook.
 
-Run: python main.py [--dry-run] [--now ISO8601]   (settings: environment or .env)
+Run: python main.py [--dry-run | --check] [--now ISO8601]   (settings: environment or .env)
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Se
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, NamedTuple, TypeVar
 
+import jpholiday
+import phonenumbers
 import pymysql
 from dotenv import dotenv_values
 from google.api_core import exceptions as gexc
@@ -65,7 +67,11 @@ PURGE_MAX_BATCHES = 50
 # schedule_time may be at most 30 days ahead.
 MAX_LOOKAHEAD_MINUTES = 30 * 24 * 60
 TASK_ID_RE = re.compile(r"^([0-9a-f]{8})-anpi-(-?\d+)-(\d{8}T\d{6}Z)(?:-r(\d+))?$")
-PHONE_RE = re.compile(r"\+[0-9]{8,15}")
+# Between the digits of a phone number people type spaces, brackets and dashes (after
+# NFKC, which folds full-width digits, dashes and brackets); nothing else is allowed.
+# The dashes: U+30FC (the long-vowel mark an IME types), U+2010-U+2015, U+2212.
+PHONE_SEPARATORS = re.compile("[\\s().\\-\u30fc\u2010-\u2015\u2212]")
+PHONE_CHARS = re.compile(r"\+?[0-9]+")
 CLOCK_RE = re.compile(r"([0-9]{1,2}):([0-9]{2})(?::([0-9]{2}))?")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("auto", "json", "text")
@@ -102,6 +108,7 @@ class Config:
     db_read_timeout: int
     db_retry_seconds: float
     default_timezone: zoneinfo.ZoneInfo
+    phone_region: str  # the country of national phone numbers, from DEFAULT_COUNTRY_CODE
     lookahead: dt.timedelta
     grace: dt.timedelta
     log_level: str
@@ -175,6 +182,10 @@ class Config:
         if default_zone is None:
             errors.append(f"DEFAULT_TIMEZONE={zone_name!r} is not an IANA time zone")
 
+        country_code = integer("DEFAULT_COUNTRY_CODE", 81, 1, 999)
+        phone_region = phonenumbers.region_code_for_country_code(country_code)
+        if phone_region == "ZZ":
+            errors.append(f"DEFAULT_COUNTRY_CODE={country_code} is not a country calling code")
         grace = integer("GRACE_MINUTES", 15, 0, MAX_GRACE_MINUTES - 1)
         lookahead = integer("LOOKAHEAD_MINUTES", 120, 1, MAX_LOOKAHEAD_MINUTES)
         task_count = integer("CLOUD_RUN_TASK_COUNT", 1, 1, 10_000)
@@ -214,6 +225,7 @@ class Config:
             db_read_timeout=integer("DB_READ_TIMEOUT", 60, 1, 3600),
             db_retry_seconds=integer("DB_RETRY_SECONDS", 30, 0, 600),
             default_timezone=default_zone or zoneinfo.ZoneInfo("UTC"),
+            phone_region=phone_region,
             lookahead=dt.timedelta(minutes=lookahead),
             grace=dt.timedelta(minutes=grace),
             log_level=log_level,
@@ -339,9 +351,11 @@ class UserRow:
     call_weekdays: object
     call_time: object
     timezone: object
+    pause_from: object = None
+    pause_until: object = None
 
 
-USER_COLUMNS = "id, phone_number, call_weekdays, call_time, timezone"
+USER_COLUMNS = "id, phone_number, call_weekdays, call_time, timezone, pause_from, pause_until"
 # Rows whose TIME lies outside a day are read too, so that they are reported invalid.
 OUT_OF_DAY_SQL = "call_time < CAST('00:00:00' AS TIME) OR call_time >= CAST('24:00:00' AS TIME)"
 
@@ -505,6 +519,8 @@ def _clock_text(seconds: int) -> str:
 class InvalidRow(ValueError):
     """A row that cannot be planned; the message is the reason (never the phone)."""
 
+    column = "row"  # set by `parse_row` to the column at fault
+
 
 @dataclasses.dataclass(frozen=True)
 class Window:
@@ -524,10 +540,27 @@ class CallSetting:
     """A validated row: who is called, on which weekdays, at which local time."""
 
     user_id: int
-    phone_number: str
+    phone_number: str  # E.164
     weekdays: frozenset[int]  # 0 = Monday ... 6 = Sunday, as date.weekday()
     call_time: dt.time
     zone: zoneinfo.ZoneInfo
+    holidays: bool = False  # also on Japan's national holidays (祝, 祝日)
+    without_holidays: bool = False  # never on one (祝日除く)
+    pause_from: dt.date | None = None  # no calls on local dates pause_from..pause_until;
+    pause_until: dt.date | None = None  # a None side is open
+
+    def paused_on(self, day: dt.date) -> bool:
+        if self.pause_from is None and self.pause_until is None:
+            return False
+        return (self.pause_from is None or self.pause_from <= day) and (
+            self.pause_until is None or day <= self.pause_until
+        )
+
+    def chosen_day(self, day: dt.date) -> bool:
+        """Whether local date `day` is one of the row's days (pauses aside)."""
+        if (self.holidays or self.without_holidays) and is_holiday(day):
+            return self.holidays
+        return day.weekday() in self.weekdays
 
 
 class CallKey(NamedTuple):
@@ -585,12 +618,17 @@ _KANJI_DAYS = {k: i for i, k in enumerate("月火水木金土日")}
 _DAY_SETS = {
     "daily": range(7), "everyday": range(7), "毎日": range(7),
     "weekdays": range(5), "weekday": range(5), "平日": range(5),
-    "weekends": (5, 6), "weekend": (5, 6),
+    "weekends": (5, 6), "weekend": (5, 6), "週末": (5, 6),
 }  # fmt: skip
-_WEEKDAY_SEPARATORS = re.compile(r"[\s,、・/]+")
+HOLIDAY = 7  # stands for "Japan's national holidays" among the day numbers while parsing
+_WEEKDAY_SEPARATORS = re.compile(r"[\s,、・/()]+")
+# After NFKC (which folds the full-width dash and tilde): the long-vowel mark an IME
+# types for a dash, and the hyphen, minus, en and em dashes, all read as range marks.
+_DASHES = str.maketrans(dict.fromkeys("\u30fc\u2010\u2011\u2212\u2013\u2014", "-"))
+_WITHOUT_HOLIDAYS = re.compile(r"祝日[をは]?除く")
 _WEEKDAY_TERM = re.compile(
-    r"(?P<range>[-〜~])|(?P<set>毎日|平日)|(?P<kanji>[月火水木金土日])(?:曜日?)?"
-    r"|(?P<word>[a-z]+)|(?P<digit>[0-9]+)"
+    r"(?P<range>[-〜~])|(?P<set>毎日|平日|週末)|(?P<holiday>祝日?)"
+    r"|(?P<kanji>[月火水木金土日])(?:曜日?)?|(?P<word>[a-z]+)|(?P<digit>[0-9]+)"
 )
 
 
@@ -606,14 +644,25 @@ class _Term(NamedTuple):
 _RANGE = _Term(frozenset())
 
 
-def parse_weekdays(value: object) -> frozenset[int]:
-    """Weekday numbers (0 = Monday) named by a `call_weekdays` value.
+class Days(NamedTuple):
+    """What a `call_weekdays` value names."""
 
-    NULL or empty means no calls (an empty set); anything unrecognised raises
-    InvalidRow. Full-width letters and digits are folded first (NFKC).
+    weekdays: frozenset[int]  # 0 = Monday ... 6 = Sunday
+    holidays: bool = False  # also every national holiday (祝, 祝日)
+    without_holidays: bool = False  # but never on a holiday (祝日除く)
+
+
+NO_DAYS = Days(frozenset())
+
+
+def parse_weekdays(value: object) -> Days:
+    """The days a `call_weekdays` value names.
+
+    NULL or empty means no calls; anything unrecognised raises InvalidRow. Full-width
+    letters and digits are folded first (NFKC); 毎週 ("every week") may precede a list.
     """
     if value is None:
-        return frozenset()
+        return NO_DAYS
     if isinstance(value, bytes):
         value = _decode(value, "call_weekdays")
     if not isinstance(value, str):
@@ -622,18 +671,22 @@ def parse_weekdays(value: object) -> frozenset[int]:
 
 
 @functools.lru_cache(maxsize=4096)
-def _weekdays_of(value: str) -> frozenset[int]:
+def _weekdays_of(value: str) -> Days:
     """parse_weekdays for text; cached, because a few spellings cover most rows."""
-    text = unicodedata.normalize("NFKC", value).lower().strip()
+    text = unicodedata.normalize("NFKC", value).lower().strip().translate(_DASHES)
     if not text:
-        return frozenset()
+        return NO_DAYS
+    without = _WITHOUT_HOLIDAYS.search(text) is not None
+    text = _WITHOUT_HOLIDAYS.sub(" ", text).replace("毎週", " ")
     days: set[int] = set()
     for group in _WEEKDAY_SEPARATORS.split(text):
         if group:
             days |= _parse_weekday_group(group, value)
     if not days:
         raise InvalidRow(f"call_weekdays {_show(value)} names no weekday")
-    return frozenset(days)
+    if without and HOLIDAY in days:
+        raise InvalidRow(f"call_weekdays {_show(value)} both names and leaves out holidays")
+    return Days(frozenset(days - {HOLIDAY}), HOLIDAY in days, without)
 
 
 def _parse_weekday_group(group: str, value: str) -> set[int]:
@@ -653,6 +706,8 @@ def _parse_weekday_group(group: str, value: str) -> set[int]:
             terms.append(_RANGE)
         elif m["set"]:
             terms.append(_Term(frozenset(_DAY_SETS[m["set"]]), kanji=True))
+        elif m["holiday"]:
+            terms.append(_Term(frozenset({HOLIDAY}), kanji=True))
         elif m["kanji"]:
             day = _KANJI_DAYS[m["kanji"]]
             terms.append(_Term(frozenset({day}), day, kanji=True))
@@ -747,21 +802,103 @@ def parse_zone(value: object, default: zoneinfo.ZoneInfo) -> zoneinfo.ZoneInfo:
     return zone
 
 
-def parse_row(row: UserRow, default_zone: zoneinfo.ZoneInfo) -> CallSetting | None:
-    """Validate one row. None when it asks for no calls; InvalidRow when it is wrong."""
+def parse_row(
+    row: UserRow, default_zone: zoneinfo.ZoneInfo, region: str = "JP"
+) -> CallSetting | None:
+    """Validate one row. None when it asks for no calls; InvalidRow when it is wrong.
+
+    `region` is the country of national phone numbers (DEFAULT_COUNTRY_CODE's region).
+    """
     if not isinstance(row.id, int) or isinstance(row.id, bool):
         raise InvalidRow(f"id has type {type(row.id).__name__}")
-    weekdays = parse_weekdays(row.call_weekdays)
-    call_time = parse_call_time(row.call_time)
-    zone = parse_zone(row.timezone, default_zone)
-    phone = row.phone_number
-    if isinstance(phone, bytes):
-        phone = _decode(phone, "phone_number")
-    if not isinstance(phone, str) or not PHONE_RE.fullmatch(phone):
-        raise InvalidRow(f"phone_number {mask_phone(phone)} is not E.164 (+ and 8-15 digits)")
-    if not weekdays or call_time is None:
+    try:
+        column = "call_weekdays"
+        days = parse_weekdays(row.call_weekdays)
+        column = "call_time"
+        call_time = parse_call_time(row.call_time)
+        column = "timezone"
+        zone = parse_zone(row.timezone, default_zone)
+        column = "phone_number"
+        phone = normalize_phone(row.phone_number, region)
+        column = "pause_from"
+        pause_from = parse_date(row.pause_from, column)
+        column = "pause_until"
+        pause_until = parse_date(row.pause_until, column)
+        if pause_from is not None and pause_until is not None and pause_from > pause_until:
+            raise InvalidRow(f"pause_until {pause_until} is before pause_from {pause_from}")
+    except InvalidRow as exc:
+        exc.column = column
+        raise
+    if not (days.weekdays or days.holidays) or call_time is None:
         return None
-    return CallSetting(row.id, phone, weekdays, call_time, zone)
+    return CallSetting(
+        row.id, phone, days.weekdays, call_time, zone, days.holidays, days.without_holidays,
+        pause_from, pause_until,
+    )  # fmt: skip
+
+
+def normalize_phone(value: object, region: str) -> str:
+    """The E.164 form of a phone number written as E.164 or nationally (for `region`).
+
+    Google's libphonenumber metadata (phonenumberslite) decides whether it can be a
+    number at all. A `+` number without a leading 0 skips its slower text parser.
+    """
+    if isinstance(value, bytes):
+        value = _decode(value, "phone_number")
+    if not isinstance(value, str):
+        raise InvalidRow(f"phone_number has type {type(value).__name__}")
+    compact = PHONE_SEPARATORS.sub("", unicodedata.normalize("NFKC", value))
+    shown = mask_phone(value)
+    if not PHONE_CHARS.fullmatch(compact):
+        raise InvalidRow(
+            f"phone_number {shown} holds something other than digits, a leading +,"
+            " spaces, brackets and dashes"
+        )
+    number = _e164_number(compact)
+    if number is None:
+        try:
+            number = phonenumbers.parse(compact, region)
+        except phonenumbers.NumberParseException as exc:
+            raise InvalidRow(f"phone_number {shown} is not a phone number: {exc}") from None
+    possible = phonenumbers.is_possible_number_with_reason(number)
+    if possible != phonenumbers.ValidationResult.IS_POSSIBLE:
+        why = {
+            phonenumbers.ValidationResult.TOO_SHORT: "is too short",
+            phonenumbers.ValidationResult.TOO_LONG: "is too long",
+            phonenumbers.ValidationResult.INVALID_COUNTRY_CODE: "has an unknown country code",
+        }.get(possible, "has a length no number of its country has")
+        raise InvalidRow(f"phone_number {shown} {why}")
+    if not phonenumbers.is_valid_number(number):
+        raise InvalidRow(f"phone_number {shown} is not a valid number of its country")
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
+def _e164_number(compact: str) -> phonenumbers.PhoneNumber | None:
+    """`+<country code><national number>` split without the text parser, or None."""
+    if not compact.startswith("+") or len(compact) < 4:
+        return None
+    for size in (1, 2, 3):  # country codes are prefix-free
+        code = int(compact[1 : 1 + size])
+        if code in phonenumbers.COUNTRY_CODE_TO_REGION_CODE:
+            national = compact[1 + size :]
+            if not national or national.startswith("0"):
+                return None  # a stray trunk 0, or an Italian-style leading 0: parse it
+            return phonenumbers.PhoneNumber(country_code=code, national_number=int(national))
+    return None
+
+
+def parse_date(value: object, column: str) -> dt.date | None:
+    """A DATE column: None, or a date (an illegal value arrives as text)."""
+    if value is None or (isinstance(value, dt.date) and not isinstance(value, dt.datetime)):
+        return value
+    if isinstance(value, bytes):
+        value = _decode(value, column)
+    if isinstance(value, str):
+        try:
+            return dt.date.fromisoformat(value.strip())
+        except ValueError:
+            raise InvalidRow(f"{column} {_show(value)} is not a date") from None
+    raise InvalidRow(f"{column} has type {type(value).__name__}")
 
 
 def _decode(value: bytes, column: str) -> str:
@@ -791,28 +928,43 @@ def occurrence(day: dt.date, at: dt.time, zone: zoneinfo.ZoneInfo) -> dt.datetim
     return dt.datetime.combine(day, at, tzinfo=zone).astimezone(UTC)
 
 
-def occurrences(setting: CallSetting, window: Window) -> list[dt.datetime]:
-    """Every call instant (UTC) of `setting` inside `window`, at most one per local date."""
-    return [
-        instant
-        for weekday, instant in _instants_in(setting.call_time, setting.zone, window)
-        if weekday in setting.weekdays
-    ]
+def occurrences(
+    setting: CallSetting, window: Window, paused: list[dt.datetime] | None = None
+) -> list[dt.datetime]:
+    """Every call instant (UTC) of `setting` inside `window`, at most one per local date.
+
+    Instants on paused dates are left out; they go to `paused` when it is given.
+    """
+    found = []
+    for day, instant in _instants_in(setting.call_time, setting.zone, window):
+        if setting.chosen_day(day):
+            if not setting.paused_on(day):
+                found.append(instant)
+            elif paused is not None:
+                paused.append(instant)
+    return found
+
+
+@functools.lru_cache(maxsize=4096)
+def is_holiday(day: dt.date) -> bool:
+    """A national holiday of Japan (substitute and citizens' holidays included), by the
+    law as jpholiday computes it."""
+    return jpholiday.is_holiday(day)
 
 
 @functools.lru_cache(maxsize=16384)
 def _instants_in(
     at: dt.time, zone: zoneinfo.ZoneInfo, window: Window
-) -> tuple[tuple[int, dt.datetime], ...]:
-    """(weekday of the local date, instant) of wall time `at` on each local date whose
-    occurrence lies in `window`; cached, because many users share a call time."""
+) -> tuple[tuple[dt.date, dt.datetime], ...]:
+    """(local date, instant) of wall time `at` on each local date whose occurrence lies
+    in `window`; cached, because many users share a call time."""
     day = window.start.astimezone(zone).date() - dt.timedelta(days=1)
     last = window.end.astimezone(zone).date() + dt.timedelta(days=1)
     found = []
     while day <= last:
         instant = occurrence(day, at, zone)
         if window.start <= instant < window.end:
-            found.append((day.weekday(), instant))
+            found.append((day, instant))
         day += dt.timedelta(days=1)
     return tuple(found)
 
@@ -859,11 +1011,13 @@ def _utc_stamp(instant: dt.datetime) -> str:
     return instant.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
 
 
-def plan_calls(setting: CallSetting, window: Window) -> list[Call]:
-    """The calls one validated row asks for inside `window`."""
+def plan_calls(
+    setting: CallSetting, window: Window, paused: list[dt.datetime] | None = None
+) -> list[Call]:
+    """The calls one validated row asks for inside `window` (see `occurrences`)."""
     return [
         Call(setting.user_id, setting.phone_number, t, setting.zone)
-        for t in occurrences(setting, window)
+        for t in occurrences(setting, window, paused)
     ]
 
 
@@ -910,6 +1064,13 @@ RECORD_CHECKS = (
     ("UPDATE", "scheduled_calls", "UPDATE scheduled_calls SET state = state WHERE FALSE"),
     ("DELETE", "scheduled_calls", "DELETE FROM scheduled_calls WHERE FALSE"),
 )
+
+
+# What brings an existing database up to date, per table the job needs.
+MIGRATIONS = {
+    "users": "migrations/002_users_pauses.sql",
+    "scheduled_calls": "migrations/001_scheduled_calls.sql",
+}
 
 
 class Entry(NamedTuple):
@@ -973,7 +1134,8 @@ class CallRecord:
                 if code in (1146, 1054):  # no such table or column
                     raise SetupError(
                         f"table {table} is missing or has old columns ({exc.args[1]}):"
-                        " apply schema.sql, then " + grant
+                        f" apply {MIGRATIONS[table]} (or schema.sql on a new database),"
+                        " then " + grant
                     ) from exc
                 raise DatabaseError(f"cannot check table {table}: {exc}") from exc
 
@@ -1373,13 +1535,15 @@ def plan(
     summary: RunSummary,
     stop: threading.Event,
     invalid_users: set[int],
+    paused: set[CallKey] | None = None,
 ) -> Iterator[Call]:
     """Validate and plan rows as they stream in, counting scanned, invalid and planned.
 
     Nothing is held: memory stays flat however large the table. A stop signal ends the
     stream. So does a database failure, recorded in `summary`; the calls yielded
     before it are still enqueued, and the next run completes the rest. The ids of
-    invalid rows go to `invalid_users`, so that reconciling leaves their tasks alone.
+    invalid rows go to `invalid_users`, so that reconciling leaves their tasks alone,
+    and the calls that a pause leaves out go to `paused`, so that it can say why.
     """
     try:
         for row in rows:
@@ -1387,22 +1551,30 @@ def plan(
                 return
             summary.users_scanned += 1
             try:
-                setting = parse_row(row, config.default_timezone)
+                setting = parse_row(row, config.default_timezone, config.phone_region)
             except InvalidRow as reason:
                 summary.rows_invalid += 1
                 invalid_users.add(row.id)
-                log.warning(
-                    "invalid row skipped: %s",
-                    reason,
-                    extra={"user_id": row.id, "phone": mask_phone(row.phone_number)},
-                )
+                log_invalid(row, reason)
                 continue
             if setting is not None:
-                for call in plan_calls(setting, window):
+                left_out: list[dt.datetime] = []
+                for call in plan_calls(setting, window, left_out):
                     summary.calls_planned += 1
                     yield call
+                if paused is not None:
+                    paused.update(CallKey(setting.user_id, t) for t in left_out)
     except DatabaseError as exc:
         summary.fail(str(exc))
+
+
+def log_invalid(row: UserRow, reason: InvalidRow) -> None:
+    """The one log line of an invalid row: ERROR, so that alerting can count it."""
+    log.error(
+        "invalid row skipped: %s",
+        reason,
+        extra={"user_id": row.id, "column": reason.column, "phone": mask_phone(row.phone_number)},
+    )
 
 
 def choose_ids(
@@ -1605,6 +1777,7 @@ def stale_tasks(
     pending: Mapping[CallKey, set[int]],
     chosen: Mapping[CallKey, int],
     invalid_users: set[int],
+    paused: set[CallKey] = frozenset(),  # type: ignore[assignment]
 ) -> list[Stale]:
     """The listed tasks of this shard and window that the plan does not contain.
 
@@ -1628,11 +1801,12 @@ def stale_tasks(
                 extra={"user_id": key.user_id, "task_id": task_id(*key)},
             )
         else:
-            reason = (
-                "call time or weekday changed"
-                if key.user_id in planned_users
-                else "no call in the window: user inactive, removed or schedule changed"
-            )
+            if key in paused:
+                reason = "paused"
+            elif key.user_id in planned_users:
+                reason = "call time or weekday changed"
+            else:
+                reason = "no call in the window: user inactive, removed or schedule changed"
             stale += [Stale(key, a, reason) for a in sorted(alternatives)]
     return stale
 
@@ -1804,9 +1978,10 @@ def run(
 
         chosen: dict[CallKey, int] = {}
         invalid_users: set[int] = set()
+        paused: set[CallKey] = set()
         rows = read_rows(reader, config, window)
         stack.callback(rows.close)
-        calls = plan(rows, config, window, summary, stop, invalid_users)
+        calls = plan(rows, config, window, summary, stop, invalid_users, paused)
         batches = choose_ids(calls, record, pending, chosen)
         if dry_run:
             for batch in batches:
@@ -1824,7 +1999,7 @@ def run(
 
         # Only a complete plan can say what is stale: not after an error or a stop.
         if pending is not None and sink is not None and summary.error is None and not stop.is_set():
-            stale = stale_tasks(pending, chosen, invalid_users)
+            stale = stale_tasks(pending, chosen, invalid_users, paused)
             reconcile(
                 sink,
                 record,
@@ -1845,6 +2020,91 @@ def run(
 def _close(conn: Any) -> None:
     with contextlib.suppress(pymysql.err.Error):  # already closed if the link broke
         conn.close()
+
+
+# ---------------------------------------------------------------------------
+# Check: the connection, the schema, the grants and every row, before go-live
+# ---------------------------------------------------------------------------
+
+USERS_INDEX = (
+    "is_active", "timezone", "call_time", "call_weekdays", "phone_number", "pause_from",
+    "pause_until",
+)  # fmt: skip
+
+
+@dataclasses.dataclass
+class CheckSummary:
+    """What `--check` found; the last stdout line is this object as JSON."""
+
+    users_checked: int = 0
+    rows_invalid: int = 0
+    invalid_by_column: dict[str, int] = dataclasses.field(default_factory=dict)
+    problems: list[str] = dataclasses.field(default_factory=list)
+    shard: str = "0/1"
+    error: str | None = None
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every row is valid and the schema complete; 1 otherwise (a missing
+        table, column or grant never gets here: `main` exits 2)."""
+        return 1 if (self.rows_invalid or self.problems or self.error) else 0
+
+
+def check(config: Config, out: Callable[[str], None]) -> CheckSummary:
+    """Validate the schema, the grants and every active row of this shard, streamed.
+
+    Writes nothing and contacts no Cloud Tasks endpoint. Prints one JSON line per
+    invalid row. Raises SetupError for a missing table, column or grant.
+    """
+    summary = CheckSummary(shard=f"{config.task_index}/{config.task_count}")
+    with contextlib.ExitStack() as stack:
+        try:
+            conn = connect(config, streaming=False)
+            stack.callback(_close, conn)
+            CallRecord(conn, config).check()
+            with conn.cursor() as cur:
+                cur.execute("SHOW INDEX FROM users WHERE Key_name = 'idx_users_due'")
+                columns = tuple(row[4] for row in sorted(cur.fetchall(), key=lambda r: r[3]))
+            if columns != USERS_INDEX:
+                summary.problems.append(
+                    f"index idx_users_due is missing or differs ({', '.join(columns) or 'none'}):"
+                    f" apply {MIGRATIONS['users']}; runs still work, but read the whole table"
+                )
+            reader = connect(config, streaming=True)
+            stack.callback(_close, reader)
+            sql = f"SELECT {USER_COLUMNS} FROM users WHERE is_active = 1"
+            args: list[Any] = []
+            if config.task_count > 1:
+                sql += " AND MOD(MOD(id, %s) + %s, %s) = %s"
+                args = [config.task_count] * 3 + [config.task_index]
+            cur = reader.cursor()
+            stack.callback(_abandon, cur)
+            cur.execute(sql, args)
+            for values in cur:
+                row = UserRow(*values)
+                summary.users_checked += 1
+                try:
+                    parse_row(row, config.default_timezone, config.phone_region)
+                except InvalidRow as reason:
+                    summary.rows_invalid += 1
+                    counts = summary.invalid_by_column
+                    counts[reason.column] = counts.get(reason.column, 0) + 1
+                    line = {
+                        "user_id": row.id,
+                        "column": reason.column,
+                        "reason": str(reason),
+                        "phone": mask_phone(row.phone_number),
+                    }
+                    out(json.dumps(line, ensure_ascii=False))
+        except DatabaseError as exc:
+            summary.error = str(exc)
+        except pymysql.err.MySQLError as exc:
+            summary.error = f"lost the database while checking users: {exc}"
+    for problem in summary.problems:
+        log.error("%s", problem)
+    if summary.error:
+        log.critical("%s", summary.error)
+    return summary
 
 
 # ---------------------------------------------------------------------------
@@ -1878,6 +2138,12 @@ def main(
         "--dry-run", action="store_true", help="read and plan, print the plan, create no task"
     )
     parser.add_argument(
+        "--check",
+        action="store_true",
+        help="check the database, the grants and every active row; print each invalid"
+        " row; write nothing and contact no Cloud Tasks endpoint",
+    )
+    parser.add_argument(
         "--now",
         metavar="ISO8601",
         help="plan as if it were this instant (no offset: DEFAULT_TIMEZONE)",
@@ -1891,12 +2157,12 @@ def main(
         file_values = dotenv_values(".env")
         env = {**{k: v for k, v in file_values.items() if v is not None}, **os.environ}
     try:
-        config = Config.from_env(env, dry_run=args.dry_run)
+        config = Config.from_env(env, dry_run=args.dry_run or args.check)
     except ConfigError as exc:
         print(f"anpi-call-scheduler: {exc}", file=sys.stderr)
         return 2
     if args.now is not None:
-        if not args.dry_run and config.emulator_host is None:
+        if not (args.dry_run or args.check) and config.emulator_host is None:
             # Against the real queue the safety margins need the real clock: a real run
             # "as if" two hours ago would create calls that ran and were forgotten.
             print(
@@ -1936,22 +2202,27 @@ def main(
     def out(line: str) -> None:
         stdout.write(line + "\n")
 
+    summary: RunSummary | CheckSummary
     try:
-        summary = run(
-            config,
-            now or dt.datetime.now(UTC),
-            dry_run=args.dry_run,
-            tasks_client=tasks_client,
-            stop=stop,
-            out=out,
-        )
+        if args.check:
+            summary = check(config, out)
+        else:
+            summary = run(
+                config,
+                now or dt.datetime.now(UTC),
+                dry_run=args.dry_run,
+                tasks_client=tasks_client,
+                stop=stop,
+                out=out,
+            )
     except SetupError as exc:  # a missing table or grant: nothing was done
         log.critical("%s", exc)
         return 2
     except Exception:  # the one catch-all: report, never die without a summary
         log.exception("unexpected error")
         summary = RunSummary(error="unexpected error (see log)")
-    summary.interrupted = signalled.is_set()
+    if isinstance(summary, RunSummary):
+        summary.interrupted = signalled.is_set()
     out(json.dumps(dataclasses.asdict(summary), ensure_ascii=False))
     stdout.flush()
     log.info("run finished", extra={"exit_code": summary.exit_code})

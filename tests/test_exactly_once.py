@@ -68,7 +68,7 @@ def dispatching(clock: VirtualClock) -> collections.abc.Iterator[FakeCloudTasks]
 def users_at(db: Database, when: str, ids: range) -> None:
     db.insert(
         [
-            {"id": i, "call_weekdays": "daily", "call_time": when, "phone_number": f"+8190{i:08d}"}
+            {"id": i, "call_weekdays": "daily", "call_time": when, "phone_number": f"+81901{i:07d}"}
             for i in ids
         ]
     )

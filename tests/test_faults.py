@@ -40,7 +40,7 @@ UTC = dt.UTC
 def daily_users(db: Database, count: int, at: str = "09:30") -> None:
     db.insert(
         [
-            {"id": i, "call_weekdays": "daily", "call_time": at, "phone_number": f"+8190{i:08d}"}
+            {"id": i, "call_weekdays": "daily", "call_time": at, "phone_number": f"+81901{i:07d}"}
             for i in range(1, count + 1)
         ]
     )
@@ -315,10 +315,10 @@ BAD_ROWS = [
     {"timezone": "Mars/Phobos"},
     {"timezone": "Robert'); DROP TABLE users;--"},
     {"timezone": "\u0000"},
-    {"phone_number": "+81 90 1234 5678"},
+    {"phone_number": "+81 90 1234 567"},
     {"phone_number": "+8190ABCD5678"},
     {"phone_number": ""},
-    {"phone_number": "０９０１２３４５６７８"},
+    {"phone_number": "０９０１２３４"},
 ]
 
 

@@ -27,7 +27,7 @@ def users(db: Database, count: int = 3, at: str = "09:30", zone: str | None = No
                 "id": i,
                 "call_weekdays": "daily",
                 "call_time": at,
-                "phone_number": f"+8190{i:08d}",
+                "phone_number": f"+81901{i:07d}",
                 "timezone": zone,
             }
             for i in range(1, count + 1)
@@ -174,7 +174,7 @@ def test_invalid_rows_are_counted_logged_and_do_not_fail_the_run(
         [
             {"id": 1, "call_weekdays": "daily", "call_time": "09:30"},
             {"id": 2, "call_weekdays": "月x", "call_time": "09:30", "phone_number": "+819011112222"},
-            {"id": 3, "call_weekdays": "daily", "call_time": "09:30", "phone_number": "090 3333 4444"},
+            {"id": 3, "call_weekdays": "daily", "call_time": "09:30", "phone_number": "090 3333 444"},
             {"id": 4, "call_weekdays": "daily", "call_time": "09:30", "timezone": "Asia/Tokio"},
         ]
     )
@@ -185,7 +185,9 @@ def test_invalid_rows_are_counted_logged_and_do_not_fail_the_run(
     for user_id, reason in [(2, "call_weekdays"), (3, "phone_number"), (4, "timezone")]:
         [line] = [ln for ln in result.stderr.splitlines() if f"user_id={user_id} " in ln + " "]
         assert reason in line
-    assert "***2222" in result.stderr and "***4444" in result.stderr
+    assert "***2222" in result.stderr and "***3444" in result.stderr
+    assert all("ERROR" in ln for ln in result.stderr.splitlines() if "invalid row" in ln)
+    assert "column=phone_number" in result.stderr
 
 
 def test_no_full_phone_number_or_password_in_any_output(db: Database, tasks_server: FakeCloudTasks) -> None:
@@ -214,7 +216,8 @@ def test_logs_are_json_on_cloud_run(db: Database) -> None:
     entries = [json.loads(line) for line in result.stderr.splitlines()]
     assert {"severity", "message"} <= set(entries[0])
     [invalid] = [e for e in entries if e.get("user_id") == 99]
-    assert invalid["severity"] == "WARNING"
+    assert invalid["severity"] == "ERROR"  # loud: alerting counts these
+    assert invalid["column"] == "call_weekdays"
     assert "call_weekdays" in invalid["message"]
 
 

@@ -71,12 +71,111 @@ ALL = frozenset(range(7))
     ],
 )
 def test_weekday_formats(text: str, days: set[int]) -> None:
-    assert main.parse_weekdays(text) == frozenset(days)
+    assert main.parse_weekdays(text) == main.Days(frozenset(days))
+
+
+@pytest.mark.parametrize(
+    ("text", "days", "holidays", "without"),
+    [
+        ("毎週月曜", {MON}, False, False),
+        ("毎週 月・木", {MON, THU}, False, False),
+        ("週末", {SAT, SUN}, False, False),
+        ("土日祝", {SAT, SUN}, True, False),
+        ("土日祝日", {SAT, SUN}, True, False),
+        ("月水金・祝日", {MON, WED, FRI}, True, False),
+        ("祝", set(), True, False),
+        ("月ー金", {MON, TUE, WED, THU, FRI}, False, False),  # the IME's long-vowel mark
+        ("月‐金", {MON, TUE, WED, THU, FRI}, False, False),  # U+2010 hyphen
+        ("月−金", {MON, TUE, WED, THU, FRI}, False, False),  # U+2212 minus
+        ("月–金", {MON, TUE, WED, THU, FRI}, False, False),  # en dash
+        ("月—金", {MON, TUE, WED, THU, FRI}, False, False),  # em dash
+        ("月～金", {MON, TUE, WED, THU, FRI}, False, False),
+        ("平日", {MON, TUE, WED, THU, FRI}, False, False),  # holidays included: a call is better
+        ("平日(祝日除く)", {MON, TUE, WED, THU, FRI}, False, True),
+        ("平日（祝日を除く）", {MON, TUE, WED, THU, FRI}, False, True),
+        ("平日・祝日は除く", {MON, TUE, WED, THU, FRI}, False, True),
+        ("平日・祝日除く", {MON, TUE, WED, THU, FRI}, False, True),
+        ("月水金 祝日除く", {MON, WED, FRI}, False, True),
+        ("(月)", {MON}, False, False),
+    ],
+)
+def test_japanese_spellings_holidays_and_dashes(
+    text: str, days: set[int], holidays: bool, without: bool
+) -> None:
+    assert main.parse_weekdays(text) == main.Days(frozenset(days), holidays, without)
+
+
+@pytest.mark.parametrize("text", ["祝日除く", "祝・祝日除く", "月〜祝", "毎週", "祝x"])
+def test_holiday_spellings_that_make_no_sense_are_invalid(text: str) -> None:
+    with pytest.raises(InvalidRow, match="call_weekdays"):
+        main.parse_weekdays(text)
+
+
+@pytest.mark.parametrize(
+    ("day", "holiday"),
+    [
+        (dt.date(2026, 1, 12), True),  # 成人の日
+        (dt.date(2026, 5, 6), True),  # 憲法記念日 振替休日
+        (dt.date(2026, 9, 22), True),  # 国民の休日
+        (dt.date(2026, 11, 3), True),  # 文化の日
+        (dt.date(2026, 1, 1), True),  # 元日
+        (dt.date(2026, 1, 2), False),  # the New Year period is not a national holiday
+        (dt.date(2026, 1, 3), False),
+        (dt.date(2026, 11, 30), False),
+    ],
+)
+def test_holidays_come_from_the_law(day: dt.date, holiday: bool) -> None:
+    assert main.is_holiday(day) is holiday
+
+
+def _setting(days: str, **extra: object) -> main.CallSetting:
+    spec = main.parse_weekdays(days)
+    return main.CallSetting(
+        1, "+819012345678", spec.weekdays, dt.time(9), main.zoneinfo.ZoneInfo("Asia/Tokyo"),
+        spec.holidays, spec.without_holidays, **extra,  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
+def _called_dates(setting: main.CallSetting, start: dt.date, days: int) -> list[dt.date]:
+    jst = main.zoneinfo.ZoneInfo("Asia/Tokyo")
+    window = main.Window(
+        dt.datetime.combine(start, dt.time(0), tzinfo=jst).astimezone(UTC),
+        dt.datetime.combine(start + dt.timedelta(days=days), dt.time(0), tzinfo=jst).astimezone(UTC),
+    )
+    return [t.astimezone(jst).date() for t in main.occurrences(setting, window)]
+
+
+def test_holidays_added_and_left_out_on_known_dates() -> None:
+    golden_week = dt.date(2026, 5, 1)  # Fri 1; Sun 3, Mon 4, Tue 5, Wed 6 (振替休日) holidays
+    assert _called_dates(_setting("土日祝"), golden_week, 7) == [
+        dt.date(2026, 5, d) for d in (2, 3, 4, 5, 6)
+    ]
+    assert _called_dates(_setting("平日(祝日除く)"), golden_week, 7) == [dt.date(2026, 5, 1), dt.date(2026, 5, 7)]
+    assert _called_dates(_setting("平日"), golden_week, 7) == [
+        dt.date(2026, 5, d) for d in (1, 4, 5, 6, 7)
+    ]  # 平日 keeps holidays
+    assert _called_dates(_setting("祝"), dt.date(2026, 9, 19), 5) == [
+        dt.date(2026, 9, 21), dt.date(2026, 9, 22), dt.date(2026, 9, 23)
+    ]  # fmt: skip
+
+
+def test_pauses_use_local_dates_and_end_by_themselves() -> None:
+    start = dt.date(2026, 11, 28)
+    pause = {"pause_from": dt.date(2026, 11, 30), "pause_until": dt.date(2026, 12, 1)}
+    assert _called_dates(_setting("daily", **pause), start, 5) == [
+        dt.date(2026, 11, 28), dt.date(2026, 11, 29), dt.date(2026, 12, 2)
+    ]  # fmt: skip
+    open_ended = {"pause_from": dt.date(2026, 11, 30)}
+    assert _called_dates(_setting("daily", **open_ended), start, 5) == [
+        dt.date(2026, 11, 28), dt.date(2026, 11, 29)
+    ]  # fmt: skip
+    until = {"pause_until": dt.date(2026, 11, 29)}
+    assert _called_dates(_setting("daily", **until), start, 3) == [dt.date(2026, 11, 30)]
 
 
 @pytest.mark.parametrize("text", [None, "", "   ", "\t"])
 def test_empty_weekdays_mean_no_calls(text: str | None) -> None:
-    assert main.parse_weekdays(text) == frozenset()
+    assert main.parse_weekdays(text) == main.NO_DAYS
 
 
 @pytest.mark.parametrize(
@@ -84,7 +183,7 @@ def test_empty_weekdays_mean_no_calls(text: str | None) -> None:
     [
         "mon-", "-fri", "mon--fri", "mon-wed-fri", "8", "10", "135", "月x", "monwed",
         "mo", "funday", "weekdays-fri", "平日-金", ",", "・", "月曜日から金曜日", "mon;drop table users",
-        "1.5", "日曜日曜", "(月)", "mon_tue",
+        "1.5", "日曜日曜", "mon_tue",
     ],
 )  # fmt: skip
 def test_invalid_weekdays(text: str) -> None:
@@ -93,7 +192,7 @@ def test_invalid_weekdays(text: str) -> None:
 
 
 def test_weekday_bytes_and_other_types() -> None:
-    assert main.parse_weekdays("月水".encode()) == {MON, WED}
+    assert main.parse_weekdays("月水".encode()).weekdays == {MON, WED}
     with pytest.raises(InvalidRow, match="UTF-8"):
         main.parse_weekdays(b"\xff\xfe")
     with pytest.raises(InvalidRow, match="type int"):
@@ -164,13 +263,18 @@ def test_row_defaults_to_default_zone() -> None:
 @pytest.mark.parametrize(
     ("fields", "reason"),
     [
-        ({"phone_number": "090-1234-5678"}, "phone_number"),
-        ({"phone_number": "+81 90 1234 5678"}, "phone_number"),
+        ({"phone_number": "03-1234"}, "phone_number"),
+        ({"phone_number": "090-abcd-5678"}, "phone_number"),
         ({"phone_number": "+8190abc45678"}, "phone_number"),
         ({"phone_number": "+1234567"}, "phone_number"),
         ({"phone_number": "+1234567890123456"}, "phone_number"),
-        ({"phone_number": "+819012345678\n"}, "phone_number"),
+        ({"phone_number": "+999 1234 5678"}, "phone_number"),
+        ({"phone_number": "090-1234-5678#"}, "phone_number"),
+        ({"phone_number": "+81+9012345678"}, "phone_number"),
+        ({"phone_number": ""}, "phone_number"),
         ({"phone_number": None}, "phone_number"),
+        ({"pause_from": "2026-13-01"}, "pause_from"),
+        ({"pause_from": dt.date(2026, 12, 2), "pause_until": dt.date(2026, 12, 1)}, "pause_until"),
         ({"timezone": "Asia/Tokio"}, "timezone"),
         ({"timezone": "../../etc/passwd"}, "timezone"),
         ({"timezone": "JST-9"}, "timezone"),
@@ -181,7 +285,84 @@ def test_row_defaults_to_default_zone() -> None:
 def test_invalid_rows(fields: dict[str, object], reason: str) -> None:
     with pytest.raises(InvalidRow, match=reason) as info:
         main.parse_row(row(**fields), TOKYO)
+    assert info.value.column == reason
     assert "12345678" not in str(info.value)  # a phone number never appears whole
+
+
+@pytest.mark.parametrize(
+    ("typed", "e164"),
+    [
+        ("090-1234-5678", "+819012345678"),
+        ("09012345678", "+819012345678"),
+        ("03-1234-5678", "+81312345678"),
+        ("(03)1234-5678", "+81312345678"),
+        ("０９０－１２３４－５６７８", "+819012345678"),
+        ("（０３）１２３４－５６７８", "+81312345678"),
+        ("090ー1234ー5678", "+819012345678"),  # the IME's long-vowel mark for a dash
+        ("090‐1234−5678", "+819012345678"),
+        (" 090 1234 5678 ", "+819012345678"),
+        ("+81 90-1234-5678", "+819012345678"),
+        ("+8109012345678", "+819012345678"),  # the stray trunk 0 is dropped
+        ("+819012345678", "+819012345678"),
+        ("0120-123-456", "+81120123456"),
+        ("+1 212 555 0123", "+12125550123"),
+    ],
+)
+def test_phone_numbers_as_typed_in_japan_become_e164(typed: str, e164: str) -> None:
+    assert main.normalize_phone(typed, "JP") == e164
+    assert main.parse_row(row(phone_number=typed), TOKYO).phone_number == e164  # type: ignore[union-attr]
+
+
+def test_the_country_of_national_numbers_is_configurable() -> None:
+    cfg = main.Config.from_env({"DB_HOST": "x", "DEFAULT_COUNTRY_CODE": "1"}, dry_run=True)
+    assert cfg.phone_region == "US"
+    assert main.normalize_phone("(212) 555-0123", cfg.phone_region) == "+12125550123"
+    with pytest.raises(main.ConfigError, match="DEFAULT_COUNTRY_CODE=999"):
+        main.Config.from_env({"DB_HOST": "x", "DEFAULT_COUNTRY_CODE": "999"}, dry_run=True)
+
+
+_DASH_CHARS = ["-", "－", "ー", "‐", "−", " ", ""]
+
+
+@st.composite
+def japanese_numbers(draw: st.DrawFn) -> tuple[str, list[str]]:
+    """A valid Japanese mobile or Tokyo number as digit groups (national form)."""
+    if draw(st.booleans()):
+        groups = [draw(st.sampled_from(["070", "080", "090"])),
+                  draw(st.from_regex(r"[1-9][0-9]{3}", fullmatch=True)),
+                  draw(st.from_regex(r"[0-9]{4}", fullmatch=True))]  # fmt: skip
+    else:
+        groups = ["03", draw(st.from_regex(r"[2-9][0-9]{3}", fullmatch=True)),
+                  draw(st.from_regex(r"[0-9]{4}", fullmatch=True))]  # fmt: skip
+    national = "".join(groups)
+    e164 = "+81" + national[1:]
+    return e164, groups
+
+
+@settings(max_examples=300)
+@given(japanese_numbers(), st.sampled_from(_DASH_CHARS), st.booleans(), st.booleans())
+def test_every_national_spelling_gives_one_e164(
+    number: tuple[str, list[str]], dash: str, full_width: bool, brackets: bool
+) -> None:
+    e164, groups = number
+    first = f"({groups[0]})" if brackets else groups[0] + dash
+    text = first + groups[1] + dash + groups[2]
+    if full_width:
+        text = text.translate(str.maketrans("0123456789()", "０１２３４５６７８９（）"))
+    assert main.normalize_phone(text, "JP") == e164
+    assert main.normalize_phone(e164, "JP") == e164
+    assert main.normalize_phone("+81 " + text.lstrip("(0０"), "JP") == e164
+
+
+@given(japanese_numbers(), st.integers(1, 6), st.sampled_from("abcxｘ#*,;"))
+def test_cut_or_lettered_numbers_are_invalid_with_a_reason(
+    number: tuple[str, list[str]], cut: int, letter: str
+) -> None:
+    national = "".join(number[1])
+    with pytest.raises(InvalidRow, match=r"phone_number .*(too short|length|valid|not a phone)"):
+        main.normalize_phone(national[: len(national) - cut - 3], "JP")
+    with pytest.raises(InvalidRow, match=r"phone_number .*other than digits"):
+        main.normalize_phone(national[:5] + letter + national[5:], "JP")
 
 
 @pytest.mark.parametrize(

@@ -364,7 +364,7 @@ class Simulation:
 
 
 def phone(user_id: int) -> str:
-    return f"+8190{user_id:08d}"
+    return f"+81901{user_id:07d}"
 
 
 @pytest.mark.parametrize("seed", SEEDS)

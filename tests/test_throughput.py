@@ -29,7 +29,7 @@ def spread_users(db: Database, count: int) -> None:
                 "call_weekdays": weekdays[i % len(weekdays)],
                 "call_time": f"{8 + (45 + i) // 60 % 3:02d}:{(45 + i) % 60:02d}:{i % 60:02d}",
                 "timezone": zones[i % len(zones)],
-                "phone_number": f"+8190{i:08d}",
+                "phone_number": f"+81901{i:07d}",
             }
             for i in range(1, count + 1)
         ]
