@@ -1052,8 +1052,8 @@ PLANNED, DELETING, DELETED = "planned", "deleting", "deleted"
 RECORD_COLUMNS = "call_at, user_id, alternative, task_id, state, reason"
 # Every statement the job runs on scheduled_calls, each run once with nothing to touch,
 # so a missing table, column or grant shows before any task is created.
+# In the order of the migrations that fix them, so the first problem names the first file.
 RECORD_CHECKS = (
-    ("SELECT", "users", f"SELECT {USER_COLUMNS}, is_active FROM users LIMIT 0"),
     ("SELECT", "scheduled_calls", f"SELECT {RECORD_COLUMNS} FROM scheduled_calls LIMIT 0"),
     (
         "INSERT",
@@ -1063,6 +1063,7 @@ RECORD_CHECKS = (
     ),
     ("UPDATE", "scheduled_calls", "UPDATE scheduled_calls SET state = state WHERE FALSE"),
     ("DELETE", "scheduled_calls", "DELETE FROM scheduled_calls WHERE FALSE"),
+    ("SELECT", "users", f"SELECT {USER_COLUMNS}, is_active FROM users LIMIT 0"),
 )
 
 
