@@ -141,6 +141,8 @@ def main() -> None:
         for name in ("anpi_bench_100k", "anpi_bench_1m"):
             print(f"dry run over {name} ...", file=sys.stderr)
             dry[name] = run_job(["--dry-run", "--now", NOW], job_env(None, **db_env(name)))
+        print("--check over anpi_bench_1m ...", file=sys.stderr)
+        checked = run_job(["--check"], job_env(None, **db_env("anpi_bench_1m")))
         print("dry run over an empty window ...", file=sys.stderr)
         empty = run_job(
             ["--dry-run", "--now", EMPTY_NOW], job_env(None, **db_env("anpi_bench_1m_empty"))
@@ -184,6 +186,11 @@ def main() -> None:
     row("`--dry-run`, 100,000 users, calls spread over the day", dry["anpi_bench_100k"])
     row("`--dry-run`, 1,000,000 users, calls spread over the day", dry["anpi_bench_1m"])
     row("`--dry-run`, 1,000,000 users, no call in the window", empty)
+    c = checked.summary
+    print(
+        f"| `--check`, 1,000,000 users: every active row validated | {c['users_checked']:,}"
+        f" | - | {checked.wall:.2f} s | - | {checked.peak_rss_mb:.0f} MB |"
+    )
     rss_100k, rss_1m = dry["anpi_bench_100k"].peak_rss_mb, dry["anpi_bench_1m"].peak_rss_mb
     print(
         f"\nConcurrent vs serial: {serial.wall / parallel.wall:.1f}x faster."

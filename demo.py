@@ -57,7 +57,7 @@ def sample_rows(now: dt.datetime) -> list[dict[str, Any]]:
         {"id": 1, "name": "山田 花子", "phone_number": "+819011110001", "call_weekdays": "月水金", "call_time": jst(15)},
         {"id": 2, "name": "佐藤 一郎", "phone_number": "+819011110002", "call_weekdays": "平日", "call_time": jst(20)},
         {"id": 3, "name": "鈴木 よし子", "phone_number": "+819011110003", "call_weekdays": "mon-fri", "call_time": jst(25)},
-        {"id": 4, "name": "田中 正", "phone_number": "+819011110004", "call_weekdays": "daily", "call_time": jst(30)},
+        {"id": 4, "name": "田中 正", "phone_number": "090-1111-0004", "call_weekdays": "daily", "call_time": jst(30)},
         {"id": 5, "name": "高橋 みどり", "phone_number": "+819011110005", "call_weekdays": "土日", "call_time": jst(32)},
         {"id": 6, "name": "Grace Ito (Los Angeles)", "phone_number": "+12135550006", "call_weekdays": "毎日",
          "call_time": la_time, "timezone": "America/Los_Angeles"},

@@ -35,7 +35,7 @@ Usage: ./deploy.sh [--infrastructure-only | --deploy-only] [--skip-test] [--dry-
 With no flag, does everything, in order:
   1. validate settings            5. build the image, deploy the Cloud Run Job
   2. enable the APIs              6. the hourly Cloud Scheduler trigger
-  3. service accounts and IAM     7. smoke test: execute the job once with --dry-run
+  3. service accounts and IAM     7. smoke test: execute the job with --check, then --dry-run
   4. the Cloud Tasks queue
 
   --infrastructure-only  steps 1-4 only (APIs, accounts, queue, image repository)
@@ -269,9 +269,13 @@ setup_scheduler() {
 }
 
 smoke_test() {
-  log "smoke test: one execution with --dry-run"
-  run gcloud run jobs execute "${JOB_NAME}" --region="${REGION}" --args=--dry-run --wait \
-    "${PROJECT_FLAGS[@]}" || fail "smoke test failed: see 'gcloud run jobs executions list --job=${JOB_NAME} --region=${REGION}'"
+  # --check: the connection, the schema, the grants and every row; --dry-run: the queue.
+  local args
+  for args in --check --dry-run; do
+    log "smoke test: one execution with ${args}"
+    run gcloud run jobs execute "${JOB_NAME}" --region="${REGION}" --args="${args}" --wait \
+      "${PROJECT_FLAGS[@]}" || fail "smoke test failed (${args}): see 'gcloud run jobs executions list --job=${JOB_NAME} --region=${REGION}'"
+  done
 }
 
 parse_flags() {

@@ -135,8 +135,10 @@ def test_first_full_run(deploy: Deploy) -> None:
     assert f"--oauth-service-account-email={SCHEDULER_SA}" in scheduler
     assert not [a for a in scheduler if a.startswith("--oidc")]
 
-    [execute] = deploy.find("run", "jobs", "execute")
-    assert "--args=--dry-run" in execute and "--wait" in execute
+    # The smoke test: --check (database, grants, every row), then --dry-run (the queue).
+    check, dry = deploy.find("run", "jobs", "execute")
+    assert "--args=--check" in check and "--wait" in check
+    assert "--args=--dry-run" in dry and "--wait" in dry
 
     # Order: APIs, accounts, queue, image, job, scheduler, smoke test.
     order = [c["argv"][:3] for c in deploy.calls() if not READ_ONLY & set(c["argv"])]
