@@ -79,7 +79,9 @@ def seed(name: str, users: int, call_time_sql: str, mixed: bool = True) -> None:
             cur.execute(statement)
         cur.execute(
             "INSERT INTO users (id, phone_number, call_weekdays, call_time, timezone, is_active)"
-            " SELECT seq, CONCAT('+81901', LPAD(seq, 7, '0')),"
+            # Half as typed in Japan (090-1xxx-xxxx), half E.164.
+            " SELECT seq, IF(seq % 2, CONCAT('+81901', LPAD(seq, 7, '0')),"
+            " CONCAT('090-1', LPAD(seq DIV 10000, 3, '0'), '-', LPAD(seq % 10000, 4, '0'))),"
             f" {weekdays}, {call_time_sql}, {zone}, {active}"
             f" FROM seq_1_to_{users}"
         )

@@ -243,6 +243,15 @@ def test_check_lists_every_bad_row_once_and_exits_1(db: Database) -> None:
     assert summary["invalid_by_column"] == {
         "phone_number": 2, "call_weekdays": 2, "call_time": 1, "timezone": 1, "pause_until": 1
     }  # fmt: skip
+    assert summary["invalid_by_reason"] == {
+        "phone_number … is too short": 1,
+        "phone_number … holds something other than digits, a leading +, spaces, brackets and dashes": 1,
+        "call_weekdays …: unknown word …": 1,
+        "call_weekdays … both names and leaves out holidays": 1,
+        "call_time … is not within …": 1,
+        "timezone … is not an IANA time zone": 1,
+        "pause_until … is before pause_from …": 1,
+    }
     assert "12345678" not in json.dumps(lines)
     assert checksum(db) == before  # it wrote nothing
 
@@ -255,8 +264,8 @@ def test_check_of_a_clean_table_exits_0_and_contacts_no_cloud_tasks(db: Database
     )
     assert code == 0, stderr
     assert lines == [
-        {"users_checked": 49, "rows_invalid": 0, "invalid_by_column": {}, "problems": [],
-         "shard": "0/1", "error": None}
+        {"users_checked": 49, "rows_invalid": 0, "invalid_by_column": {}, "invalid_by_reason": {},
+         "problems": [], "shard": "0/1", "error": None}
     ]  # fmt: skip
 
 

@@ -97,6 +97,17 @@ def test_weekday_formats(text: str, days: set[int]) -> None:
         ("平日・祝日除く", {MON, TUE, WED, THU, FRI}, False, True),
         ("月水金 祝日除く", {MON, WED, FRI}, False, True),
         ("(月)", {MON}, False, False),
+        ("毎週末", {SAT, SUN}, False, False),
+        ("月―金", {MON, TUE, WED, THU, FRI}, False, False),  # U+2015: Shift_JIS's dash
+        ("月 〜 金", {MON, TUE, WED, THU, FRI}, False, False),
+        ("mon - fri", {MON, TUE, WED, THU, FRI}, False, False),
+        ("平日［祝日除く］", {MON, TUE, WED, THU, FRI}, False, True),
+        ("平日【祝日を除く】", {MON, TUE, WED, THU, FRI}, False, True),
+        ("平日(祝除く)", {MON, TUE, WED, THU, FRI}, False, True),
+        # What stands before 除く is left out, not added.
+        ("月〜金（土日祝日は除く）", {MON, TUE, WED, THU, FRI}, False, True),
+        ("毎日(土日祝日除く)", {MON, TUE, WED, THU, FRI}, False, True),
+        ("毎日(日曜除く)", {MON, TUE, WED, THU, FRI, SAT}, False, False),
     ],
 )
 def test_japanese_spellings_holidays_and_dashes(
@@ -105,7 +116,9 @@ def test_japanese_spellings_holidays_and_dashes(
     assert main.parse_weekdays(text) == main.Days(frozenset(days), holidays, without)
 
 
-@pytest.mark.parametrize("text", ["祝日除く", "祝・祝日除く", "月〜祝", "毎週", "祝x"])
+@pytest.mark.parametrize(
+    "text", ["祝日除く", "祝・祝日除く", "月〜祝", "毎週", "祝x", "土日祝日除く", "日祝日除く", "除く"]
+)
 def test_holiday_spellings_that_make_no_sense_are_invalid(text: str) -> None:
     with pytest.raises(InvalidRow, match="call_weekdays"):
         main.parse_weekdays(text)
@@ -306,6 +319,8 @@ def test_invalid_rows(fields: dict[str, object], reason: str) -> None:
         ("+819012345678", "+819012345678"),
         ("0120-123-456", "+81120123456"),
         ("+1 212 555 0123", "+12125550123"),
+        ("+7 8 915 123 4567", "+79151234567"),  # a trunk digit after the code: full parser
+        ("０３―１２３４―５６７８", "+81312345678"),  # U+2015
     ],
 )
 def test_phone_numbers_as_typed_in_japan_become_e164(typed: str, e164: str) -> None:
@@ -317,8 +332,31 @@ def test_the_country_of_national_numbers_is_configurable() -> None:
     cfg = main.Config.from_env({"DB_HOST": "x", "DEFAULT_COUNTRY_CODE": "1"}, dry_run=True)
     assert cfg.phone_region == "US"
     assert main.normalize_phone("(212) 555-0123", cfg.phone_region) == "+12125550123"
-    with pytest.raises(main.ConfigError, match="DEFAULT_COUNTRY_CODE=999"):
-        main.Config.from_env({"DB_HOST": "x", "DEFAULT_COUNTRY_CODE": "999"}, dry_run=True)
+    for code in ("999", "800"):  # none, and a non-geographic one
+        with pytest.raises(main.ConfigError, match=f"DEFAULT_COUNTRY_CODE={code}"):
+            main.Config.from_env({"DB_HOST": "x", "DEFAULT_COUNTRY_CODE": code}, dry_run=True)
+
+
+@pytest.mark.parametrize(
+    ("typed", "why"),
+    [("+999 1234 5678", "unknown country code"), ("1" * 30, "too long"), ("03-1234", "too short")],
+)
+def test_phone_reasons_say_what_is_wrong(typed: str, why: str) -> None:
+    with pytest.raises(InvalidRow, match=why):
+        main.normalize_phone(typed, "JP")
+
+
+def test_the_quick_path_and_the_full_parser_agree() -> None:
+    """The shortcut keeps only valid numbers; whatever it accepts, the full parser
+    turns into the same E.164."""
+    import phonenumbers
+
+    for national in ("09012345678", "0312345678", "0120123456", "05012345678", "0612345678"):
+        for text in (national, "+81" + national[1:]):
+            quick = main._quick_number(text, "JP")
+            full = phonenumbers.parse(text, "JP")
+            assert quick is not None and phonenumbers.is_valid_number(full)
+            assert phonenumbers.format_number(quick, 0) == phonenumbers.format_number(full, 0)
 
 
 _DASH_CHARS = ["-", "－", "ー", "‐", "−", " ", ""]
