@@ -30,6 +30,7 @@ import unicodedata
 import urllib.parse
 import zoneinfo
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, NamedTuple, TypeVar
 
@@ -1811,7 +1812,7 @@ def stale_tasks(
     pending: Mapping[CallKey, set[int]],
     chosen: Mapping[CallKey, int],
     invalid_users: set[int],
-    paused: set[CallKey] = frozenset(),  # type: ignore[assignment]
+    paused: AbstractSet[CallKey] = frozenset(),
 ) -> list[Stale]:
     """The listed tasks of this shard and window that the plan does not contain.
 
