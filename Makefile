@@ -5,11 +5,12 @@ VENV := .venv
 EMULATOR_VENV := .venv-emulator
 PY := $(VENV)/bin/python
 
-.PHONY: help test lint pytest demo bench clean
+.PHONY: help venv test lint pytest demo bench clean
 
 help:
 	@echo "make demo   run the job end to end on a local stack (MariaDB, Cloud Tasks emulator, webhook)"
 	@echo "make test   lint and run the whole test suite"
+	@echo "make venv   create .venv only (for a run of your own: README, Quick start)"
 	@echo "make bench  measure throughput and memory (writes a table for the README)"
 	@echo "make clean  remove the virtualenvs and caches"
 
@@ -24,6 +25,8 @@ $(EMULATOR_VENV)/.installed: requirements-emulator.txt
 	$(PYTHON) -m venv $(EMULATOR_VENV)
 	$(EMULATOR_VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements-emulator.txt
 	@touch $@
+
+venv: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .

@@ -1286,10 +1286,19 @@ def _naive_utc(instant: dt.datetime) -> dt.datetime:
 # ---------------------------------------------------------------------------
 
 CREATED, EXISTING, FAILED = "created", "existing", "failed"
+# The one line of a dry run that plans without the queue (a laptop's local run).
+QUEUE_NOT_READ = (
+    "queue not read (%s): the plan cannot tell which calls are queued already,"
+    " and stale tasks are not looked for"
+)
 
 
 class FatalQueueError(Exception):
     """An error that every further call would meet too (no queue, no credentials)."""
+
+
+class NoCredentialsError(FatalQueueError):
+    """No Google credentials at all: the usual state of a laptop, not of Cloud Run."""
 
 
 def make_tasks_client(config: Config) -> Any:
@@ -1307,7 +1316,7 @@ def make_tasks_client(config: Config) -> Any:
     try:
         return tasks_v2.CloudTasksClient()
     except auth_exceptions.DefaultCredentialsError as exc:
-        raise FatalQueueError(f"no Google credentials for Cloud Tasks: {exc}") from exc
+        raise NoCredentialsError(f"no Google credentials for Cloud Tasks: {exc}") from exc
 
 
 class TaskSink:
@@ -2007,9 +2016,14 @@ def run(
                 pending = sink.list_own(window)
             except FatalQueueError as exc:
                 queue_fatal = exc
-                summary.fail(str(exc))
+                if dry_run and isinstance(exc, NoCredentialsError):
+                    log.warning(QUEUE_NOT_READ, "no Google credentials")
+                else:
+                    summary.fail(str(exc))
             except (gexc.GoogleAPICallError, gexc.RetryError) as exc:
                 summary.fail(f"cannot list the queue, so stale tasks stay this run: {exc}")
+        elif config.reconcile and dry_run:
+            log.warning(QUEUE_NOT_READ, "GOOGLE_CLOUD_PROJECT is not set")
 
         chosen: dict[CallKey, int] = {}
         invalid_users: set[int] = set()

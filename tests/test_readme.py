@@ -6,10 +6,17 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
+import os
 import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pymysql
 
 import main
-from tests.conftest import ROOT
+from tests.conftest import DB_SETTINGS, OFFLINE_ENV, ROOT
 
 EN = (ROOT / "README.md").read_text()
 JA = (ROOT / "README.ja.md").read_text()
@@ -83,3 +90,66 @@ def test_the_check_detects_a_missing_name() -> None:
     assert "SCHEDULED_CALLS_RETENTION_DAYS" in named(JA, words)
     shortened = JA.replace("SCHEDULED_CALLS_RETENTION_DAYS", "")
     assert "SCHEDULED_CALLS_RETENTION_DAYS" not in named(shortened, words)
+
+
+def local_run_block(text: str) -> str:
+    """The shell block under the `local-run` marker: the README's run of your own."""
+    match = re.search(r"<!-- local-run[^>]*-->\n```sh\n(.*?)```", text, re.S)
+    assert match, "no local-run block"
+    return match[1]
+
+
+def test_both_readmes_give_the_same_local_run() -> None:
+    def commands(block: str) -> list[str]:
+        return [re.sub(r"\s+#.*", "", line) for line in block.splitlines()]
+
+    assert commands(local_run_block(EN)) == commands(local_run_block(JA))
+
+
+def test_the_local_run_works_as_written(tmp_path: Path) -> None:
+    """A copy of the repository, the block run line by line as a user types it, with
+    nothing in the environment but PATH: exit 0, the WARNING line, one plan line."""
+    for name in ("main.py", "schema.sql", ".env.example", "Makefile", *REQUIREMENTS):
+        shutil.copy2(ROOT / name, tmp_path / name)  # copy2: `make venv` sees .venv current
+    (tmp_path / ".venv").symlink_to(ROOT / ".venv")
+    block = local_run_block(EN)
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), **OFFLINE_ENV}
+    server = (DB_SETTINGS["host"], DB_SETTINGS["port"], DB_SETTINGS["user"], DB_SETTINGS["password"])
+    if server != ("127.0.0.1", 3306, "root", ""):  # not the README's server: point it there
+        block = block.replace("-h 127.0.0.1 -u root", f"-h 127.0.0.1 -P {server[1]} -u root")
+        env["DB_PORT"] = str(server[1])
+    existed = _has_database("anpi")
+    try:
+        result = subprocess.run(
+            ["bash", "-e", "-o", "pipefail", "-c", block],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        if not existed:
+            _drop_database("anpi")
+    assert result.returncode == 0, result.stdout + result.stderr
+    summaries = [json.loads(ln) for ln in result.stdout.splitlines() if ln.startswith("{")]
+    check, today, at_nine = (s for s in summaries if "users_checked" in s or "calls_planned" in s)
+    assert check["users_checked"] == 1 and check["rows_invalid"] == 0
+    assert today["error"] is None and at_nine["error"] is None
+    warnings = [ln for ln in result.stderr.splitlines() if "WARNING" in ln]
+    assert len(warnings) == 2 and all("queue not read (GOOGLE_CLOUD_PROJECT" in w for w in warnings)
+    plan = [s for s in summaries if "task_id" in s and s["scheduled_at"].startswith("2026-11-30")]
+    assert [p["scheduled_at"] for p in plan] == ["2026-11-30T09:30:00+09:00"]
+
+
+REQUIREMENTS = ("requirements.txt", "requirements-dev.txt")
+
+
+def _has_database(name: str) -> bool:
+    with pymysql.connect(**DB_SETTINGS) as conn, conn.cursor() as cur:
+        return bool(cur.execute("SHOW DATABASES LIKE %s", (name,)))
+
+
+def _drop_database(name: str) -> None:
+    with pymysql.connect(**DB_SETTINGS) as conn, conn.cursor() as cur:
+        cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
