@@ -169,6 +169,18 @@ def test_missing_credentials_stop_with_one_message(db: Database) -> None:
     assert result.summary["tasks_not_attempted"] == 20
 
 
+def test_a_dry_run_without_credentials_still_prints_the_plan(db: Database) -> None:
+    daily_users(db, 5, at="09:30:00")
+    with tempfile.TemporaryDirectory() as home:
+        env = job_env(db, GOOGLE_CLOUD_PROJECT="p", HOME=home, CLOUDSDK_CONFIG=home)
+        result = run_job(["--dry-run", "--now", NOW], env)
+    assert result.code == 0, result.stderr
+    assert result.summary["calls_planned"] == 5 and result.summary["error"] is None
+    assert len([ln for ln in result.stdout.splitlines() if '"task_id"' in ln]) == 5
+    [warning] = [ln for ln in result.stderr.splitlines() if "WARNING" in ln]
+    assert "queue not read (no Google credentials)" in warning
+
+
 # -- stopped mid-run ---------------------------------------------------------------------
 
 
