@@ -1,27 +1,34 @@
 #!/usr/bin/env bash
-# Deploys anpi-call-scheduler to Google Cloud in one idempotent command: APIs, service
-# accounts with least privilege, the Cloud Tasks queue, the image, the Cloud Run Job and
-# its hourly Cloud Scheduler trigger, then a dry-run smoke test. Safe to re-run: every
-# step updates what exists instead of creating it again.
+# Deploys anpi-call-scheduler to Google Cloud in one idempotent command, and runs it day
+# to day: `./deploy.sh` sets up or updates everything (APIs, service accounts with least
+# privilege, the Cloud Tasks queues, the image, the Cloud Run Job, its hourly trigger,
+# the alerts, then a smoke test); `./deploy.sh status|logs|execute|pause|resume|rollback`
+# are the day-2 commands. Every gcloud command is printed (`+ gcloud ...`) before it runs.
 #
 # Settings come from the environment or from deploy.env beside this script (see
-# deploy.env.example). Run ./deploy.sh --help for the flags.
+# deploy.env.example), read by the rules python-dotenv uses. Run ./deploy.sh --help.
 #
 # Not created here: the Cloud SQL tables and the job's database user. Load schema.sql
 # and grant that user SELECT on users and SELECT, INSERT, UPDATE, DELETE on
 # scheduled_calls; without them the job (and the smoke test) exits 2 naming the grant.
 set -euo pipefail
+# bash 5.2 puts the matched text in place of `&` in ${var//pattern/replacement}.
+shopt -u patsub_replacement 2>/dev/null || true
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 readonly SCRIPT_DIR
 readonly APIS=(
   run.googleapis.com cloudtasks.googleapis.com cloudscheduler.googleapis.com
   cloudbuild.googleapis.com artifactregistry.googleapis.com sqladmin.googleapis.com
-  secretmanager.googleapis.com iam.googleapis.com
+  secretmanager.googleapis.com iam.googleapis.com monitoring.googleapis.com
+  logging.googleapis.com
 )
 # Listing, reading and deleting stale tasks (reconciling) needs more than enqueuer;
-# these three, granted on the queue only, are the narrowest roles that allow it.
+# these three, granted on each queue only, are the narrowest roles that allow it.
 readonly QUEUE_ROLES=(roles/cloudtasks.enqueuer roles/cloudtasks.viewer roles/cloudtasks.taskDeleter)
+# Cloud Tasks asks for ramp-up above this many creates/s on one queue.
+readonly QUEUE_CREATE_CAP=500
+readonly SEVERITIES=(DEFAULT DEBUG INFO NOTICE WARNING ERROR CRITICAL ALERT EMERGENCY)
 
 DRY_RUN=0
 DO_INFRA=1
@@ -31,22 +38,39 @@ DO_TEST=1
 usage() {
   cat <<'EOF'
 Usage: ./deploy.sh [--infrastructure-only | --deploy-only] [--skip-test] [--dry-run]
+       ./deploy.sh status | logs [--since 2h] [--severity WARNING]
+       ./deploy.sh execute [--dry-run] [--wait] | pause | resume | rollback TAG
 
-With no flag, does everything, in order:
-  1. validate settings            5. build the image, deploy the Cloud Run Job
-  2. enable the APIs              6. the hourly Cloud Scheduler trigger
-  3. service accounts and IAM     7. smoke test: execute the job with --check, then --dry-run
-  4. the Cloud Tasks queue
+Deploy (no command): sets up or updates everything, in order:
+  1. validate settings                6. alerts: log metrics, email channels, policies
+  2. enable the APIs                  7. build the image, deploy the Cloud Run Job
+  3. service accounts and IAM         8. the hourly Cloud Scheduler trigger
+  4. the Cloud Tasks queue(s)         9. smoke test: execute the job with --check,
+  5. image repository, build account     then with --dry-run
 
-  --infrastructure-only  steps 1-4 only (APIs, accounts, queue, image repository)
-  --deploy-only          steps 1 and 5-7 only (image, job, scheduler, smoke test)
-  --skip-test            leave out step 7
+  --infrastructure-only  steps 1-6 only
+  --deploy-only          steps 1 and 7-9 only (image, job, scheduler, smoke test)
+  --skip-test            leave out step 9
   --dry-run              print every gcloud command; run only read-only ones
+
+Day 2 (each prints the gcloud commands it runs):
+  status                 the job's image and settings, its last 5 executions, the
+                         scheduler's state and next run, each queue's depth and rate,
+                         the alert policies
+  logs [--since 2h] [--severity LEVEL]
+                         the job's log entries of the last 2h (or --since: 30m, 1d...)
+                         at LEVEL or above (default: all)
+  execute [--dry-run] [--wait]
+                         start an execution now (--dry-run: the job plans and creates
+                         nothing); --wait: until it ends, exit 1 if it failed
+  pause | resume         stop or restart the hourly trigger
+  rollback TAG           point the job at an earlier image tag of the repository
+
   -h, --help             this help
 
 Settings (environment or deploy.env): GOOGLE_CLOUD_PROJECT, CLOUD_SQL_INSTANCE,
-DB_USER, DB_NAME, DB_PASSWORD_SECRET and ANPI_CALL_URL are required; see
-deploy.env.example for all of them.
+DB_USER, DB_NAME, DB_PASSWORD_SECRET and ANPI_CALL_URL are required to deploy; the
+day-2 commands need only GOOGLE_CLOUD_PROJECT. See deploy.env.example for all.
 EOF
 }
 
@@ -56,33 +80,174 @@ fail() {
   exit 1
 }
 
+# Prints a command as `+ gcloud ...`, quoting only the words that need it.
+show() {
+  local out="+" word
+  for word in "$@"; do
+    if [[ "${word}" =~ ^[][A-Za-z0-9_./:=@,+%~-]+$ ]]; then
+      out+=" ${word}"
+    else
+      out+=" '${word//\'/\'\\\'\'}'"
+    fi
+  done
+  printf '%s\n' "${out}" >&2
+}
+
 # Runs a command that changes something; with --dry-run only prints it.
 run() {
-  printf '+ %s\n' "$*" >&2
+  show "$@"
   if ((DRY_RUN)); then
     return 0
   fi
   "$@"
 }
 
-# Runs a read-only command (describe/list), also under --dry-run. Output goes to stdout.
-query() {
-  "$@" 2>/dev/null
+# Runs a command even under --dry-run: read-only ones (describe, list) and the day-2
+# commands, which do what they are asked at once.
+call() {
+  show "$@"
+  "$@"
+}
+
+# Whether the resource a describe command names exists: 0 yes, 1 NOT_FOUND. Any other
+# failure (a permission, an API still enabling, the network) stops the script with
+# gcloud's own error, instead of leading to a create that fails with ALREADY_EXISTS.
+exists() {
+  local err
+  show "$@"
+  if err="$("$@" 2>&1 >/dev/null)"; then
+    return 0
+  fi
+  if [[ "${err}" != *PERMISSION_DENIED* && "${err}" =~ NOT_FOUND|Cannot\ find ]]; then
+    return 1
+  fi
+  if ((DRY_RUN)) && [[ "${err}" =~ SERVICE_DISABLED|has\ not\ been\ used ]]; then
+    log "an API is not enabled yet (a real run enables it first): taken as absent"
+    return 1
+  fi
+  printf '%s\n' "${err}" >&2
+  fail "cannot tell whether it exists: $*"
+}
+
+# Adds an IAM binding. Right after an account is created, bindings naming it fail with
+# "does not exist" until it has propagated, and two writers of one policy meet
+# "concurrent policy changes": both are retried with backoff (1 s, 2 s, 4 s ... at most
+# 30 s apart) for IAM_RETRY_SECONDS in all, then the script stops. Any other error
+# (the target itself is missing, a permission) stops it at once.
+bind() {
+  show "$@"
+  if ((DRY_RUN)); then
+    return 0
+  fi
+  local err delay=1 waited=0
+  while ! err="$("$@" 2>&1 >/dev/null)"; do
+    if [[ ! "${err}" =~ does\ not\ exist|concurrent\ policy\ changes|ABORTED ]] ||
+      ((waited + delay > IAM_RETRY_SECONDS)); then
+      printf '%s\n' "${err}" >&2
+      fail "IAM binding failed (after ${waited}s of retries): $*"
+    fi
+    log "IAM not ready yet (${err%%$'\n'*}); retrying in ${delay}s"
+    sleep "${delay}"
+    waited=$((waited + delay))
+    delay=$((delay * 2 > 30 ? 30 : delay * 2))
+  done
+}
+
+# --- settings -----------------------------------------------------------------------
+
+# Undoes the escapes python-dotenv decodes: $2 lists the escapable characters.
+unescape() {
+  local value="$1" escapable="$2" out="" char i
+  for ((i = 0; i < ${#value}; i++)); do
+    char="${value:i:1}"
+    if [[ "${char}" == "\\" ]] && ((i + 1 < ${#value})) && [[ "${escapable}" == *"${value:i+1:1}"* ]]; then
+      i=$((i + 1))
+      case "${value:i:1}" in
+        a) char=$'\a' ;;
+        b) char=$'\b' ;;
+        f) char=$'\f' ;;
+        n) char=$'\n' ;;
+        r) char=$'\r' ;;
+        t) char=$'\t' ;;
+        v) char=$'\v' ;;
+        *) char="${value:i:1}" ;;
+      esac
+    fi
+    out+="${char}"
+  done
+  printf '%s' "${out}"
+}
+
+# Expands ${NAME} and ${NAME:-default} as python-dotenv does: from the environment,
+# which by then holds the file's earlier values too; unset and no default: empty.
+interpolate() {
+  local value="$1" out="" name
+  local match default
+  while [[ "${value}" =~ \$\{[^}:]*(:-[^}]*)?\} ]]; do
+    match="${BASH_REMATCH[0]}"
+    out+="${value%%"${match}"*}"
+    value="${value#*"${match}"}"
+    name="${match:2:${#match}-3}"
+    default=""
+    if [[ "${name}" == *:-* ]]; then
+      default="${name#*:-}"
+      name="${name%%:-*}"
+    fi
+    if [[ "${name}" =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] && [[ -v "${name}" ]]; then
+      out+="${!name}"
+    else
+      out+="${default}"
+    fi
+  done
+  printf '%s' "${out}${value}"
+}
+
+# Reads a dotenv file by python-dotenv's rules: `export`, `KEY = value`, '...' (escapes
+# \\ and \'), "..." (escapes \\ \' \" \a \b \f \n \r \t \v), # comments after a value
+# and on their own lines, ${VAR} expansion. A variable already in the environment wins,
+# as with load_dotenv(override=False). Refused, naming the line: a key that is not a
+# shell name, and a quoted value that goes on past its line.
+read_dotenv() {
+  local file="$1" line number=0 key equals rest value
+  local sq_re="^'((\\\\.|[^'\\\\])*)'[[:space:]]*(#.*)?$"
+  local dq_re='^"((\\.|[^"\\])*)"[[:space:]]*(#.*)?$'
+  local line_re='^[[:space:]]*(export[[:space:]]+)?([^=#[:space:]]+)[[:space:]]*(=[[:space:]]*)?(.*)$'
+  while IFS= read -r line || [[ -n "${line}" ]]; do
+    number=$((number + 1))
+    line="${line%$'\r'}"
+    [[ "${line}" =~ ^[[:space:]]*(#.*)?$ ]] && continue
+    [[ "${line}" =~ ${line_re} ]] || fail "${file}:${number}: cannot read this line"
+    key="${BASH_REMATCH[2]}" equals="${BASH_REMATCH[3]}" rest="${BASH_REMATCH[4]}"
+    [[ "${key}" =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] || fail "${file}:${number}: '${key}' is not a variable name"
+    if [[ -z "${equals}" ]]; then
+      [[ "${rest}" =~ ^(#.*)?$ ]] || fail "${file}:${number}: cannot read this line"
+      continue # KEY alone: python-dotenv gives it no value
+    fi
+    if [[ "${rest}" == "#"* && "${equals}" != "=" ]]; then
+      value="" # `KEY= # comment`
+    elif [[ "${rest}" == "'"* ]]; then
+      [[ "${rest}" =~ ${sq_re} ]] || fail "${file}:${number}: a quoted value must end on its line"
+      value="$(unescape "${BASH_REMATCH[1]}" "\\'")"
+    elif [[ "${rest}" == '"'* ]]; then
+      [[ "${rest}" =~ ${dq_re} ]] || fail "${file}:${number}: a quoted value must end on its line"
+      value="$(unescape "${BASH_REMATCH[1]}" "\\'\"abfnrtv")"
+    else
+      value="${rest}"
+      if [[ "${value}" =~ [[:space:]]+# ]]; then
+        value="${value%%"${BASH_REMATCH[0]}"*}"
+      fi
+      value="${value%"${value##*[![:space:]]}"}"
+    fi
+    value="$(interpolate "${value}")"
+    if [[ ! -v "${key}" ]]; then
+      export "${key}=${value}"
+    fi
+  done <"${file}"
 }
 
 load_settings() {
   if [[ -f "${SCRIPT_DIR}/deploy.env" ]]; then
-    # Real environment variables win over deploy.env.
-    local line key
-    while IFS= read -r line || [[ -n "${line}" ]]; do
-      [[ "${line}" =~ ^[[:space:]]*(#|$) ]] && continue
-      key="${line%%=*}"
-      key="${key// /}"
-      [[ "${key}" =~ ^[A-Z_][A-Z0-9_]*$ ]] || fail "deploy.env: cannot read line: ${line}"
-      if [[ -z "${!key:-}" ]]; then
-        export "${key}=${line#*=}"
-      fi
-    done <"${SCRIPT_DIR}/deploy.env"
+    read_dotenv "${SCRIPT_DIR}/deploy.env"
   fi
   REGION="${REGION:-asia-northeast1}"
   CLOUD_TASKS_QUEUE="${CLOUD_TASKS_QUEUE:-anpi-call-queue}"
@@ -92,6 +257,7 @@ load_settings() {
   SCHEDULER_TIME_ZONE="${SCHEDULER_TIME_ZONE:-Asia/Tokyo}"
   DEFAULT_TIMEZONE="${DEFAULT_TIMEZONE:-Asia/Tokyo}"
   TASK_COUNT="${TASK_COUNT:-1}"
+  QUEUE_PER_SHARD="${QUEUE_PER_SHARD:-$([[ "${TASK_COUNT}" == 1 ]] && echo 0 || echo 1)}"
   ARTIFACT_REPOSITORY="${ARTIFACT_REPOSITORY:-anpi}"
   RUNTIME_SA_NAME="${RUNTIME_SA_NAME:-anpi-call-job}"
   SCHEDULER_SA_NAME="${SCHEDULER_SA_NAME:-anpi-call-scheduler}"
@@ -99,6 +265,9 @@ load_settings() {
   DB_USER="${DB_USER:-}"
   DB_NAME="${DB_NAME:-}"
   DB_PASSWORD_SECRET_VERSION="${DB_PASSWORD_SECRET_VERSION:-}"
+  ALERT_EMAIL="${ALERT_EMAIL:-}"
+  IAM_RETRY_SECONDS="${IAM_RETRY_SECONDS:-120}"
+  IAM_WAIT_SECONDS="${IAM_WAIT_SECONDS:-60}"
   # A failed call is retried a few times within minutes, never hours later.
   QUEUE_MAX_DISPATCHES_PER_SECOND="${QUEUE_MAX_DISPATCHES_PER_SECOND:-10}"
   QUEUE_MAX_CONCURRENT_DISPATCHES="${QUEUE_MAX_CONCURRENT_DISPATCHES:-50}"
@@ -109,26 +278,65 @@ load_settings() {
   QUEUE_MAX_RETRY_DURATION="${QUEUE_MAX_RETRY_DURATION:-600s}"
 }
 
+# $1 = deploy: every setting a deploy needs; day2: what the day-2 commands need.
 validate_settings() {
-  local missing=() name
-  for name in GOOGLE_CLOUD_PROJECT CLOUD_SQL_INSTANCE DB_USER DB_NAME DB_PASSWORD_SECRET ANPI_CALL_URL; do
+  local required=(GOOGLE_CLOUD_PROJECT) missing=() problems=() name email
+  if [[ "$1" == deploy ]]; then
+    required+=(CLOUD_SQL_INSTANCE DB_USER DB_NAME DB_PASSWORD_SECRET ANPI_CALL_URL)
+  fi
+  for name in "${required[@]}"; do
     [[ -n "${!name:-}" ]] || missing+=("${name}")
   done
   ((${#missing[@]} == 0)) || fail "missing required settings: ${missing[*]} (environment or deploy.env)"
-  local problems=()
-  [[ "${CLOUD_SQL_INSTANCE}" =~ ^[^:]+:[^:]+:[^:]+$ ]] ||
-    problems+=("CLOUD_SQL_INSTANCE must be PROJECT:REGION:INSTANCE")
-  [[ "${ANPI_CALL_URL}" =~ ^https:// ]] || problems+=("ANPI_CALL_URL must be an https:// URL")
+  if [[ "$1" == deploy ]]; then
+    [[ "${CLOUD_SQL_INSTANCE}" =~ ^[^:]+:[^:]+:[^:]+$ ]] ||
+      problems+=("CLOUD_SQL_INSTANCE must be PROJECT:REGION:INSTANCE")
+    [[ "${ANPI_CALL_URL}" =~ ^https:// ]] || problems+=("ANPI_CALL_URL must be an https:// URL")
+  fi
   [[ "${TASK_COUNT}" =~ ^[1-9][0-9]*$ ]] || problems+=("TASK_COUNT must be a positive integer")
+  [[ "${QUEUE_PER_SHARD}" =~ ^[01]$ ]] || problems+=("QUEUE_PER_SHARD must be 0 or 1")
+  for name in IAM_RETRY_SECONDS IAM_WAIT_SECONDS; do
+    [[ "${!name}" =~ ^[0-9]+$ ]] || problems+=("${name} must be a whole number of seconds")
+  done
+  for email in $(alert_emails); do
+    [[ "${email}" =~ ^[^@[:space:]]+@[^@[:space:]]+\.[^@[:space:]]+$ ]] ||
+      problems+=("ALERT_EMAIL: '${email}' is not an email address")
+  done
+  # Every value that reaches job.yaml is quoted there; a control character cannot be.
+  for name in JOB_NAME REGION CLOUD_SQL_INSTANCE DB_USER DB_NAME DB_PASSWORD_SECRET \
+    DB_PASSWORD_SECRET_VERSION GOOGLE_CLOUD_PROJECT CLOUD_TASKS_QUEUE ANPI_CALL_URL \
+    TASKS_OIDC_SERVICE_ACCOUNT DEFAULT_TIMEZONE QUEUE_MAX_DISPATCHES_PER_SECOND; do
+    [[ "${!name:-}" != *[[:cntrl:]]* ]] || problems+=("${name} holds a control character")
+  done
   ((${#problems[@]} == 0)) || fail "invalid settings: $(printf '%s; ' "${problems[@]}")"
 
   RUNTIME_SA="${RUNTIME_SA_NAME}@${GOOGLE_CLOUD_PROJECT}.iam.gserviceaccount.com"
   SCHEDULER_SA="${SCHEDULER_SA_NAME}@${GOOGLE_CLOUD_PROJECT}.iam.gserviceaccount.com"
   IMAGE_REPO="${REGION}-docker.pkg.dev/${GOOGLE_CLOUD_PROJECT}/${ARTIFACT_REPOSITORY}/anpi-call-scheduler"
-  # Cloud Tasks asks for ramp-up above 500 creates/s on one queue: share it out.
-  ENQUEUE_MAX_PER_SECOND="$((500 / TASK_COUNT > 0 ? 500 / TASK_COUNT : 1))"
   PROJECT_FLAGS=(--project="${GOOGLE_CLOUD_PROJECT}")
+  QUEUES=()
+  local i
+  if ((QUEUE_PER_SHARD)); then
+    # Shard i uses queue-i alone, so each queue takes the whole create cap.
+    for ((i = 0; i < TASK_COUNT; i++)); do
+      QUEUES+=("${CLOUD_TASKS_QUEUE}-${i}")
+    done
+    ENQUEUE_MAX_PER_SECOND="${QUEUE_CREATE_CAP}"
+  else
+    # All shards share one queue: they share its cap.
+    QUEUES=("${CLOUD_TASKS_QUEUE}")
+    ENQUEUE_MAX_PER_SECOND="$((QUEUE_CREATE_CAP / TASK_COUNT > 0 ? QUEUE_CREATE_CAP / TASK_COUNT : 1))"
+  fi
 }
+
+alert_emails() {
+  local email
+  for email in ${ALERT_EMAIL//,/ }; do
+    printf '%s\n' "${email}"
+  done
+}
+
+# --- deploy steps -----------------------------------------------------------------
 
 enable_apis() {
   log "enabling APIs"
@@ -137,7 +345,7 @@ enable_apis() {
 
 ensure_service_account() {
   local name="$1" email="$2" display="$3"
-  if query gcloud iam service-accounts describe "${email}" "${PROJECT_FLAGS[@]}" >/dev/null; then
+  if exists gcloud iam service-accounts describe "${email}" "${PROJECT_FLAGS[@]}"; then
     log "service account ${email} exists"
   else
     run gcloud iam service-accounts create "${name}" --display-name="${display}" "${PROJECT_FLAGS[@]}"
@@ -148,21 +356,20 @@ setup_service_accounts() {
   log "service accounts and IAM"
   ensure_service_account "${RUNTIME_SA_NAME}" "${RUNTIME_SA}" "anpi-call-scheduler job (runtime)"
   ensure_service_account "${SCHEDULER_SA_NAME}" "${SCHEDULER_SA}" "anpi-call-scheduler trigger"
-  run gcloud projects add-iam-policy-binding "${GOOGLE_CLOUD_PROJECT}" \
+  bind gcloud projects add-iam-policy-binding "${GOOGLE_CLOUD_PROJECT}" \
     --member="serviceAccount:${RUNTIME_SA}" --role=roles/cloudsql.client --condition=None
-  run gcloud secrets add-iam-policy-binding "${DB_PASSWORD_SECRET}" \
+  bind gcloud secrets add-iam-policy-binding "${DB_PASSWORD_SECRET}" \
     --member="serviceAccount:${RUNTIME_SA}" --role=roles/secretmanager.secretAccessor \
     "${PROJECT_FLAGS[@]}"
   if [[ -n "${TASKS_OIDC_SERVICE_ACCOUNT}" ]]; then
     # Creating tasks that carry this account's OIDC token needs actAs on it.
-    run gcloud iam service-accounts add-iam-policy-binding "${TASKS_OIDC_SERVICE_ACCOUNT}" \
+    bind gcloud iam service-accounts add-iam-policy-binding "${TASKS_OIDC_SERVICE_ACCOUNT}" \
       --member="serviceAccount:${RUNTIME_SA}" --role=roles/iam.serviceAccountUser \
       "${PROJECT_FLAGS[@]}"
   fi
 }
 
-setup_queue() {
-  log "Cloud Tasks queue ${CLOUD_TASKS_QUEUE} in ${REGION}"
+setup_queues() {
   local settings=(
     --location="${REGION}"
     --max-dispatches-per-second="${QUEUE_MAX_DISPATCHES_PER_SECOND}"
@@ -174,28 +381,209 @@ setup_queue() {
     --max-retry-duration="${QUEUE_MAX_RETRY_DURATION}"
     "${PROJECT_FLAGS[@]}"
   )
-  if query gcloud tasks queues describe "${CLOUD_TASKS_QUEUE}" --location="${REGION}" \
-    "${PROJECT_FLAGS[@]}" >/dev/null; then
-    run gcloud tasks queues update "${CLOUD_TASKS_QUEUE}" "${settings[@]}"
-  else
-    run gcloud tasks queues create "${CLOUD_TASKS_QUEUE}" "${settings[@]}"
-  fi
-  local role
-  for role in "${QUEUE_ROLES[@]}"; do
-    run gcloud tasks queues add-iam-policy-binding "${CLOUD_TASKS_QUEUE}" --location="${REGION}" \
-      --member="serviceAccount:${RUNTIME_SA}" --role="${role}" "${PROJECT_FLAGS[@]}"
+  local queue role
+  for queue in "${QUEUES[@]}"; do
+    log "Cloud Tasks queue ${queue} in ${REGION}"
+    if exists gcloud tasks queues describe "${queue}" --location="${REGION}" "${PROJECT_FLAGS[@]}"; then
+      run gcloud tasks queues update "${queue}" "${settings[@]}"
+    else
+      run gcloud tasks queues create "${queue}" "${settings[@]}"
+    fi
+    for role in "${QUEUE_ROLES[@]}"; do
+      bind gcloud tasks queues add-iam-policy-binding "${queue}" --location="${REGION}" \
+        --member="serviceAccount:${RUNTIME_SA}" --role="${role}" "${PROJECT_FLAGS[@]}"
+    done
+  done
+  report_leftover_queues
+}
+
+# Queues of an earlier TASK_COUNT or QUEUE_PER_SHARD: named here, never deleted, since
+# their pending tasks still run at their time (README, "Scale out on Cloud Run").
+report_leftover_queues() {
+  local names name queue wanted depth
+  names="$(call gcloud tasks queues list --location="${REGION}" --format='value(name)' "${PROJECT_FLAGS[@]}")"
+  for name in ${names}; do
+    name="${name##*/}"
+    [[ "${name}" =~ ^${CLOUD_TASKS_QUEUE}(-[0-9]+)?$ ]] || continue
+    wanted=0
+    for queue in "${QUEUES[@]}"; do
+      [[ "${queue}" == "${name}" ]] && wanted=1
+    done
+    ((wanted)) && continue
+    depth="$(queue_depth "${name}")"
+    log "queue ${name} is no longer used by the job; its ${depth} pending task(s) still run" \
+      "on time. Delete it once it is empty: gcloud tasks queues delete ${name} --location=${REGION} --project=${GOOGLE_CLOUD_PROJECT}"
   done
 }
 
+# Pending tasks of a queue, counted up to 10,000 ("10000+" beyond).
+queue_depth() {
+  local count
+  count="$(call gcloud tasks list --queue="$1" --location="${REGION}" --limit=10001 \
+    --format='value(name)' "${PROJECT_FLAGS[@]}" | wc -l)"
+  ((count > 10000)) && count="10000+"
+  printf '%s' "${count// /}"
+}
+
 setup_repository() {
-  if query gcloud artifacts repositories describe "${ARTIFACT_REPOSITORY}" \
-    --location="${REGION}" "${PROJECT_FLAGS[@]}" >/dev/null; then
+  if exists gcloud artifacts repositories describe "${ARTIFACT_REPOSITORY}" \
+    --location="${REGION}" "${PROJECT_FLAGS[@]}"; then
     log "Artifact Registry repository ${ARTIFACT_REPOSITORY} exists"
   else
     run gcloud artifacts repositories create "${ARTIFACT_REPOSITORY}" --repository-format=docker \
       --location="${REGION}" --description="anpi-call-scheduler images" "${PROJECT_FLAGS[@]}"
   fi
+  # The account Cloud Build runs as (on new projects the Compute Engine default account,
+  # which new organisations leave without roles) needs to read the uploaded source,
+  # push to this repository and write build logs.
+  local account
+  account="$(call gcloud builds get-default-service-account --region="${REGION}" \
+    --format='value(serviceAccountEmail)' "${PROJECT_FLAGS[@]}")"
+  account="${account##*/}"
+  [[ -n "${account}" ]] || fail "Cloud Build reports no default service account in ${REGION}"
+  log "Cloud Build runs as ${account}"
+  bind gcloud artifacts repositories add-iam-policy-binding "${ARTIFACT_REPOSITORY}" \
+    --location="${REGION}" --member="serviceAccount:${account}" \
+    --role=roles/artifactregistry.writer "${PROJECT_FLAGS[@]}"
+  local role
+  for role in roles/logging.logWriter roles/storage.objectViewer; do
+    bind gcloud projects add-iam-policy-binding "${GOOGLE_CLOUD_PROJECT}" \
+      --member="serviceAccount:${account}" --role="${role}" --condition=None
+  done
 }
+
+# --- alerts -----------------------------------------------------------------------
+
+# $1 as a JSON string, quotes included.
+json_string() {
+  local value="$1"
+  value="${value//\\/\\\\}"
+  value="${value//\"/\\\"}"
+  value="${value//$'\n'/\\n}"
+  value="${value//$'\t'/\\t}"
+  printf '"%s"' "${value}"
+}
+
+ensure_log_metric() {
+  local name="$1" description="$2" filter="$3"
+  if exists gcloud logging metrics describe "${name}" "${PROJECT_FLAGS[@]}"; then
+    run gcloud logging metrics update "${name}" --description="${description}" \
+      --log-filter="${filter}" "${PROJECT_FLAGS[@]}"
+  else
+    run gcloud logging metrics create "${name}" --description="${description}" \
+      --log-filter="${filter}" "${PROJECT_FLAGS[@]}"
+  fi
+}
+
+# The email channels of ALERT_EMAIL, created when missing, as a JSON list of names.
+alert_channels() {
+  local email name names=()
+  for email in $(alert_emails); do
+    name="$(call gcloud beta monitoring channels list \
+      --filter="type=\"email\" AND labels.email_address=\"${email}\"" --limit=1 \
+      --format='value(name)' "${PROJECT_FLAGS[@]}")"
+    if [[ -z "${name}" ]]; then
+      name="$(run gcloud beta monitoring channels create --type=email \
+        --display-name="anpi-call-scheduler: ${email}" --channel-labels="email_address=${email}" \
+        --format='value(name)' "${PROJECT_FLAGS[@]}")"
+      name="${name:-projects/${GOOGLE_CLOUD_PROJECT}/notificationChannels/NEW}" # --dry-run
+    fi
+    names+=("$(json_string "${name}")")
+  done
+  local IFS=,
+  printf '[%s]' "${names[*]}"
+}
+
+# Creates the policy in file $2 or, found by its display name $1, updates it.
+ensure_policy() {
+  local display="$1" file="$2" name
+  name="$(call gcloud alpha monitoring policies list \
+    --filter="displayName=\"${display}\"" --limit=1 --format='value(name)' "${PROJECT_FLAGS[@]}")"
+  if [[ -n "${name}" ]]; then
+    run gcloud alpha monitoring policies update "${name}" --policy-from-file="${file}" \
+      "${PROJECT_FLAGS[@]}"
+  else
+    run gcloud alpha monitoring policies create --policy-from-file="${file}" "${PROJECT_FLAGS[@]}" >/dev/null
+  fi
+}
+
+# One alert policy as JSON: display name, condition (JSON), documentation (markdown).
+policy_json() {
+  cat <<EOF
+{
+  "displayName": $(json_string "$1"),
+  "combiner": "OR",
+  "conditions": [$2],
+  "documentation": {"content": $(json_string "$3"), "mimeType": "text/markdown"},
+  "alertStrategy": {"autoClose": "86400s"},
+  "notificationChannels": ${CHANNELS},
+  "enabled": true
+}
+EOF
+}
+
+# A condition on a metric's sum over 5 minutes: above 0 (threshold) or absent for $3.
+condition_json() {
+  local display="$1" filter="$2" absent_for="${3:-}"
+  local aggregation='"aggregations": [{"alignmentPeriod": "300s", "perSeriesAligner": "ALIGN_SUM", "crossSeriesReducer": "REDUCE_SUM"}]'
+  if [[ -n "${absent_for}" ]]; then
+    printf '{"displayName": %s, "conditionAbsent": {"filter": %s, %s, "duration": "%s", "trigger": {"count": 1}}}' \
+      "$(json_string "${display}")" "$(json_string "${filter}")" "${aggregation}" "${absent_for}"
+  else
+    printf '{"displayName": %s, "conditionThreshold": {"filter": %s, %s, "comparison": "COMPARISON_GT", "thresholdValue": 0, "duration": "0s", "trigger": {"count": 1}}}' \
+      "$(json_string "${display}")" "$(json_string "${filter}")" "${aggregation}"
+  fi
+}
+
+setup_alerts() {
+  log "alerts: log-based metrics, notification channels, alert policies"
+  local job="resource.type=\"cloud_run_job\" AND resource.labels.job_name=\"${JOB_NAME}\""
+  local executions="${job} AND metric.type=\"run.googleapis.com/job/completed_execution_count\""
+  local user_metric="resource.type=\"cloud_run_job\" AND metric.type=\"logging.googleapis.com/user"
+  ensure_log_metric "${JOB_NAME}-invalid-rows" \
+    "Rows of users that ${JOB_NAME} cannot call (one per invalid row and run)" \
+    "${job} AND severity=ERROR AND jsonPayload.message:\"invalid row skipped\""
+  ensure_log_metric "${JOB_NAME}-calls-not-placed" \
+    "Runs of ${JOB_NAME} that left calls off the queue (tasks_failed or tasks_not_attempted)" \
+    "${job} AND (jsonPayload.tasks_failed>0 OR jsonPayload.tasks_not_attempted>0)"
+  CHANNELS="$(alert_channels)"
+  if [[ -z "${ALERT_EMAIL}" ]]; then
+    log "ALERT_EMAIL is not set: the alert policies exist but notify nobody." \
+      "Set ALERT_EMAIL and re-run ./deploy.sh --infrastructure-only"
+  fi
+  local dir
+  dir="$(mktemp -d "${TMPDIR:-/tmp}/anpi-alerts.XXXXXX")"
+  # shellcheck disable=SC2064 # expand now: the path is fixed
+  trap "rm -rf '${dir}'" EXIT
+  local -a names=(
+    "${JOB_NAME}: an execution failed"
+    "${JOB_NAME}: no successful execution for 2 hours"
+    "${JOB_NAME}: rows became invalid"
+    "${JOB_NAME}: calls failed or were not attempted"
+  )
+  policy_json "${names[0]}" \
+    "$(condition_json "failed executions" "${executions} AND metric.labels.result=\"failed\"")" \
+    "An execution of Cloud Run Job ${JOB_NAME} failed: calls of its window may be missing from the queue. First run \`./deploy.sh logs --since 2h --severity WARNING\` and read the last summary and its \`error\`. Once the cause is fixed, \`./deploy.sh execute --wait\` places what is missing; a rerun calls no one twice." \
+    >"${dir}/failed.json"
+  policy_json "${names[1]}" \
+    "$(condition_json "no succeeded execution" "${executions} AND metric.labels.result=\"succeeded\"" 7200s)" \
+    "No execution of Cloud Run Job ${JOB_NAME} succeeded in the last 2 hours: nobody's calls are being scheduled. The scheduler may be paused or broken, or every run fails. First run \`./deploy.sh status\` (scheduler state, last executions); \`./deploy.sh resume\` if it is paused, then \`./deploy.sh execute --wait\`." \
+    >"${dir}/absent.json"
+  policy_json "${names[2]}" \
+    "$(condition_json "invalid rows logged" "${user_metric}/${JOB_NAME}-invalid-rows\"")" \
+    "A row of \`users\` is invalid, so that person will NOT be called until it is fixed (a bad phone number, weekday, time or zone). First run \`./deploy.sh logs --since 2h --severity ERROR\`: each \`invalid row skipped\` line names the \`user_id\`, the column and the reason. Fix the row; the next hourly run calls them." \
+    >"${dir}/invalid.json"
+  policy_json "${names[3]}" \
+    "$(condition_json "runs with calls not placed" "${user_metric}/${JOB_NAME}-calls-not-placed\"")" \
+    "A run of Cloud Run Job ${JOB_NAME} could not put some calls on the queue (\`tasks_failed\` or \`tasks_not_attempted\` above 0 in its summary). First run \`./deploy.sh logs --since 2h --severity WARNING\`; once Cloud Tasks answers again, \`./deploy.sh execute --wait\` places them." \
+    >"${dir}/not-placed.json"
+  local i files=(failed absent invalid not-placed)
+  for i in "${!names[@]}"; do
+    ensure_policy "${names[i]}" "${dir}/${files[i]}.json"
+  done
+}
+
+# --- build, job, scheduler, smoke test ----------------------------------------------
 
 # The newest enabled version of the password secret, unless one is pinned already.
 secret_version() {
@@ -204,27 +592,53 @@ secret_version() {
     return
   fi
   local version
-  version="$(query gcloud secrets versions list "${DB_PASSWORD_SECRET}" --filter=state:enabled \
-    --sort-by=~createTime --limit=1 --format='value(name)' "${PROJECT_FLAGS[@]}" || true)"
+  version="$(call gcloud secrets versions list "${DB_PASSWORD_SECRET}" --filter=state:enabled \
+    --sort-by=~createTime --limit=1 --format='value(name)' "${PROJECT_FLAGS[@]}")"
   [[ -n "${version}" ]] || fail "secret ${DB_PASSWORD_SECRET} has no enabled version (DB_PASSWORD_SECRET)"
   printf '%s' "${version##*/}"
 }
 
+# The image tag: the commit, and when the tree has uncommitted changes, also when it
+# was built (`<sha>-dirty-<UTC time>`), so an image never claims a commit it is not.
+image_tag() {
+  local sha stamp
+  stamp="$(date -u +%Y%m%dT%H%M%SZ)"
+  if ! sha="$(git -C "${SCRIPT_DIR}" rev-parse --short HEAD 2>/dev/null)"; then
+    printf 'nogit-%s' "${stamp}"
+  elif [[ -n "$(git -C "${SCRIPT_DIR}" status --porcelain 2>/dev/null)" ]]; then
+    printf '%s-dirty-%s' "${sha}" "${stamp}"
+  else
+    printf '%s' "${sha}"
+  fi
+}
+
+# $1 as a YAML double-quoted scalar: a string whatever it holds (`yes`, `0123`, `#`).
+yaml_string() {
+  local value="$1"
+  value="${value//\\/\\\\}"
+  value="${value//\"/\\\"}"
+  printf '"%s"' "${value}"
+}
+
 render_job_yaml() {
-  local image="$1" version="$2" out="$3" text key
+  local image="$1" version="$2" out="$3" text key value
   text="$(<"${SCRIPT_DIR}/job.yaml")"
   local -A values=(
     [JOB_NAME]="${JOB_NAME}" [REGION]="${REGION}" [CLOUD_SQL_INSTANCE]="${CLOUD_SQL_INSTANCE}"
-    [TASK_COUNT]="${TASK_COUNT}" [RUNTIME_SERVICE_ACCOUNT]="${RUNTIME_SA}" [IMAGE]="${image}"
+    [RUNTIME_SERVICE_ACCOUNT]="${RUNTIME_SA}" [IMAGE]="${image}"
     [DB_USER]="${DB_USER}" [DB_NAME]="${DB_NAME}" [DB_PASSWORD_SECRET]="${DB_PASSWORD_SECRET}"
     [DB_PASSWORD_SECRET_VERSION]="${version}" [GOOGLE_CLOUD_PROJECT]="${GOOGLE_CLOUD_PROJECT}"
     [CLOUD_TASKS_QUEUE]="${CLOUD_TASKS_QUEUE}" [ANPI_CALL_URL]="${ANPI_CALL_URL}"
     [TASKS_OIDC_SERVICE_ACCOUNT]="${TASKS_OIDC_SERVICE_ACCOUNT}"
     [DEFAULT_TIMEZONE]="${DEFAULT_TIMEZONE}" [ENQUEUE_MAX_PER_SECOND]="${ENQUEUE_MAX_PER_SECOND}"
+    [QUEUE_PER_SHARD]="${QUEUE_PER_SHARD}"
+    [QUEUE_MAX_DISPATCHES_PER_SECOND]="${QUEUE_MAX_DISPATCHES_PER_SECOND}"
   )
   for key in "${!values[@]}"; do
-    text="${text//__${key}__/${values[${key}]}}"
+    value="$(yaml_string "${values[${key}]}")"
+    text="${text//"__${key}__"/"${value}"}"
   done
+  text="${text//"__TASK_COUNT__"/"${TASK_COUNT}"}" # an integer, validated
   if [[ "${text}" =~ __[A-Z_]+__ ]]; then
     fail "job.yaml has a placeholder deploy.sh does not fill: ${BASH_REMATCH[0]}"
   fi
@@ -232,9 +646,8 @@ render_job_yaml() {
 }
 
 deploy_job() {
-  local tag image version rendered
-  tag="$(git -C "${SCRIPT_DIR}" rev-parse --short HEAD 2>/dev/null || date -u +%Y%m%d%H%M%S)"
-  image="${IMAGE_REPO}:${tag}"
+  local image version rendered
+  image="${IMAGE_REPO}:$(image_tag)"
   log "building ${image} with Cloud Build"
   run gcloud builds submit "${SCRIPT_DIR}" --tag="${image}" --region="${REGION}" "${PROJECT_FLAGS[@]}"
   version="$(secret_version)"
@@ -244,7 +657,7 @@ deploy_job() {
   render_job_yaml "${image}" "${version}" "${rendered}"
   log "deploying Cloud Run Job ${JOB_NAME} (DB password secret version ${version})"
   run gcloud run jobs replace "${rendered}" --region="${REGION}" "${PROJECT_FLAGS[@]}"
-  run gcloud run jobs add-iam-policy-binding "${JOB_NAME}" --region="${REGION}" \
+  bind gcloud run jobs add-iam-policy-binding "${JOB_NAME}" --region="${REGION}" \
     --member="serviceAccount:${SCHEDULER_SA}" --role=roles/run.invoker "${PROJECT_FLAGS[@]}"
 }
 
@@ -260,8 +673,8 @@ setup_scheduler() {
     --oauth-service-account-email="${SCHEDULER_SA}"
     "${PROJECT_FLAGS[@]}"
   )
-  if query gcloud scheduler jobs describe "${SCHEDULER_JOB_NAME}" --location="${REGION}" \
-    "${PROJECT_FLAGS[@]}" >/dev/null; then
+  if exists gcloud scheduler jobs describe "${SCHEDULER_JOB_NAME}" --location="${REGION}" \
+    "${PROJECT_FLAGS[@]}"; then
     run gcloud scheduler jobs update http "${SCHEDULER_JOB_NAME}" "${settings[@]}"
   else
     run gcloud scheduler jobs create http "${SCHEDULER_JOB_NAME}" "${settings[@]}"
@@ -270,15 +683,28 @@ setup_scheduler() {
 
 smoke_test() {
   # --check: the connection, the schema, the grants and every row; --dry-run: the queue.
-  local args
+  # New grants take a minute or more to reach Cloud Run: wait after granting, and give
+  # each execution one retry after another wait before calling it failed.
+  if ((DO_INFRA && IAM_WAIT_SECONDS > 0 && !DRY_RUN)); then
+    log "waiting ${IAM_WAIT_SECONDS}s for the new IAM grants to take effect (IAM_WAIT_SECONDS)"
+    sleep "${IAM_WAIT_SECONDS}"
+  fi
+  local args attempt
   for args in --check --dry-run; do
     log "smoke test: one execution with ${args}"
-    run gcloud run jobs execute "${JOB_NAME}" --region="${REGION}" --args="${args}" --wait \
-      "${PROJECT_FLAGS[@]}" || fail "smoke test failed (${args}): see 'gcloud run jobs executions list --job=${JOB_NAME} --region=${REGION}'"
+    for attempt in 1 2; do
+      if run gcloud run jobs execute "${JOB_NAME}" --region="${REGION}" --args="${args}" --wait \
+        "${PROJECT_FLAGS[@]}"; then
+        break
+      fi
+      ((attempt == 1)) || fail "smoke test failed (${args}): see ./deploy.sh status and ./deploy.sh logs --severity WARNING"
+      log "smoke test (${args}) failed; IAM may still be propagating: retrying once in ${IAM_WAIT_SECONDS}s"
+      sleep "${IAM_WAIT_SECONDS}"
+    done
   done
 }
 
-parse_flags() {
+parse_deploy_flags() {
   while (($#)); do
     case "$1" in
       --infrastructure-only) DO_DEPLOY=0 DO_TEST=0 ;;
@@ -301,17 +727,17 @@ parse_flags() {
   fi
 }
 
-main() {
-  parse_flags "$@"
-  command -v gcloud >/dev/null || fail "gcloud not found: install the Google Cloud CLI"
+deploy() {
+  parse_deploy_flags "$@"
   load_settings
-  validate_settings
+  validate_settings deploy
   ((DRY_RUN)) && log "dry run: printing commands that change something, running none"
   if ((DO_INFRA)); then
     enable_apis
     setup_service_accounts
-    setup_queue
+    setup_queues
     setup_repository
+    setup_alerts
   fi
   if ((DO_DEPLOY)); then
     deploy_job
@@ -323,4 +749,117 @@ main() {
   log "done"
 }
 
-main "$@"
+# --- day 2 ------------------------------------------------------------------------
+
+# Prints a heading, then runs a read-only command; a failure is reported, not fatal,
+# so that one missing resource does not hide the rest of the screen.
+section() {
+  local title="$1"
+  shift
+  printf '\n== %s\n' "${title}"
+  "$@" || log "could not read ${title} (see the error above)"
+}
+
+status() {
+  local queue
+  section "job ${JOB_NAME}: image and settings" call gcloud run jobs describe "${JOB_NAME}" \
+    --region="${REGION}" "${PROJECT_FLAGS[@]}" \
+    --format='yaml(spec.template.spec.taskCount,spec.template.spec.template.spec.containers[0].image,spec.template.spec.template.spec.containers[0].env)'
+  section "last 5 executions" call gcloud run jobs executions list --job="${JOB_NAME}" \
+    --region="${REGION}" --limit=5 "${PROJECT_FLAGS[@]}" \
+    --format='table(metadata.name,metadata.creationTimestamp,status.completionTime,status.succeededCount,status.failedCount)'
+  section "scheduler ${SCHEDULER_JOB_NAME}: state and next run" call gcloud scheduler jobs \
+    describe "${SCHEDULER_JOB_NAME}" --location="${REGION}" "${PROJECT_FLAGS[@]}" \
+    --format='table(state,schedule,timeZone,scheduleTime:label=NEXT_RUN,lastAttemptTime,status.code)'
+  for queue in "${QUEUES[@]}"; do
+    section "queue ${queue}: rate" call gcloud tasks queues describe "${queue}" \
+      --location="${REGION}" "${PROJECT_FLAGS[@]}" \
+      --format='table(state,rateLimits.maxDispatchesPerSecond,rateLimits.maxConcurrentDispatches,retryConfig.maxAttempts)'
+    section "queue ${queue}: depth" printf 'pending tasks: %s\n' "$(queue_depth "${queue}")"
+  done
+  section "alert policies" call gcloud alpha monitoring policies list \
+    --filter="displayName:\"${JOB_NAME}: \"" "${PROJECT_FLAGS[@]}" \
+    --format='table(displayName,enabled,notificationChannels.len():label=CHANNELS)'
+}
+
+logs() {
+  local since=2h severity=DEFAULT
+  while (($#)); do
+    case "$1" in
+      --since) since="${2:-}" && shift ;;
+      --since=*) since="${1#*=}" ;;
+      --severity) severity="${2:-}" && shift ;;
+      --severity=*) severity="${1#*=}" ;;
+      *) fail "logs: unknown flag $1 (logs [--since 2h] [--severity WARNING])" ;;
+    esac
+    shift
+  done
+  [[ "${since}" =~ ^[0-9]+[smhd]$ ]] || fail "logs --since ${since}: want a duration such as 30m, 2h, 1d"
+  severity="${severity^^}"
+  [[ " ${SEVERITIES[*]} " == *" ${severity} "* ]] ||
+    fail "logs --severity ${severity}: want one of ${SEVERITIES[*]}"
+  call gcloud logging read \
+    "resource.type=\"cloud_run_job\" AND resource.labels.job_name=\"${JOB_NAME}\" AND severity>=${severity}" \
+    --freshness="${since}" --order=asc --limit=1000 "${PROJECT_FLAGS[@]}" \
+    --format='value(timestamp,severity,jsonPayload.message,jsonPayload)'
+}
+
+execute() {
+  local flags=()
+  while (($#)); do
+    case "$1" in
+      --dry-run) flags+=(--args=--dry-run) ;;
+      --wait) flags+=(--wait) ;;
+      *) fail "execute: unknown flag $1 (execute [--dry-run] [--wait])" ;;
+    esac
+    shift
+  done
+  call gcloud run jobs execute "${JOB_NAME}" --region="${REGION}" "${flags[@]}" "${PROJECT_FLAGS[@]}"
+}
+
+scheduler() {
+  (($# == 1)) || fail "$1: takes no arguments"
+  call gcloud scheduler jobs "$1" "${SCHEDULER_JOB_NAME}" --location="${REGION}" "${PROJECT_FLAGS[@]}"
+}
+
+rollback() {
+  local tag="${1:-}"
+  [[ $# == 1 && "${tag}" =~ ^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$ ]] ||
+    fail "usage: ./deploy.sh rollback TAG (the tags: gcloud artifacts docker tags list ${IMAGE_REPO} --project=${GOOGLE_CLOUD_PROJECT})"
+  local current
+  current="$(call gcloud run jobs describe "${JOB_NAME}" --region="${REGION}" "${PROJECT_FLAGS[@]}" \
+    --format='value(spec.template.spec.template.spec.containers[0].image)')"
+  log "the job runs ${current}; to undo this rollback: ./deploy.sh rollback ${current##*:}"
+  call gcloud artifacts docker images describe "${IMAGE_REPO}:${tag}" "${PROJECT_FLAGS[@]}" \
+    --format='value(image_summary.fully_qualified_digest)' ||
+    fail "no image ${IMAGE_REPO}:${tag} (the tags: gcloud artifacts docker tags list ${IMAGE_REPO} --project=${GOOGLE_CLOUD_PROJECT})"
+  call gcloud run jobs update "${JOB_NAME}" --image="${IMAGE_REPO}:${tag}" --region="${REGION}" \
+    "${PROJECT_FLAGS[@]}"
+}
+
+main() {
+  command -v gcloud >/dev/null || fail "gcloud not found: install the Google Cloud CLI"
+  local command="${1:-deploy}"
+  case "${command}" in
+    status | logs | execute | pause | resume | rollback)
+      shift
+      [[ "${1:-}" == -h || "${1:-}" == --help ]] && usage && exit 0
+      load_settings
+      validate_settings day2
+      case "${command}" in
+        pause | resume) scheduler "${command}" "$@" ;;
+        *) "${command}" "$@" ;;
+      esac
+      ;;
+    deploy)
+      (($#)) && shift
+      deploy "$@"
+      ;;
+    *) deploy "$@" ;;
+  esac
+}
+
+# Sourced (the tests read its dotenv parser), it defines the functions and runs nothing.
+if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
+  main "$@"
+fi

@@ -1,8 +1,11 @@
-"""deploy.sh against a recording fake gcloud; the Dockerfile and job.yaml without Docker."""
+"""deploy.sh against a recording fake gcloud that keeps state and refuses any command,
+flag or choice the real Google Cloud CLI's tree lacks; the Dockerfile and job.yaml
+without Docker."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -13,8 +16,13 @@ from typing import Any
 
 import pytest
 import yaml
+from dotenv import dotenv_values
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+import main
 from tests.conftest import ROOT, Database, job_env
+from tests.fake_gcloud import cli_problem, write_tree
 
 SETTINGS = {
     "GOOGLE_CLOUD_PROJECT": "anpi-prod",
@@ -23,16 +31,27 @@ SETTINGS = {
     "DB_NAME": "anpi",
     "DB_PASSWORD_SECRET": "anpi-db-password",
     "ANPI_CALL_URL": "https://webhook.example.com/call",
+    "IAM_WAIT_SECONDS": "0",  # no real IAM to wait for
 }
-READ_ONLY = {"describe", "list", "versions"}
+READ_ONLY = {"describe", "list", "versions", "get-default-service-account", "read"}
 RUNTIME_SA = "serviceAccount:anpi-call-job@anpi-prod.iam.gserviceaccount.com"
 SCHEDULER_SA = "anpi-call-scheduler@anpi-prod.iam.gserviceaccount.com"
+BUILD_SA = "serviceAccount:123-compute@developer.gserviceaccount.com"
+QUEUE_ROLES = ("roles/cloudtasks.enqueuer", "roles/cloudtasks.viewer", "roles/cloudtasks.taskDeleter")
+JOB = "anpi-call-create-task-job"
+
+
+@pytest.fixture(scope="session")
+def cli_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("gcloud") / "tree.json"
+    write_tree(path)
+    return path
 
 
 class Deploy:
     """A copy of deploy.sh and job.yaml with a fake gcloud first on PATH."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, tree: Path) -> None:
         self.dir = tmp / "repo"
         self.dir.mkdir()
         for name in ("deploy.sh", "job.yaml"):
@@ -50,19 +69,24 @@ class Deploy:
             "HOME": str(tmp),
             "FAKE_GCLOUD_LOG": str(self.log),
             "FAKE_GCLOUD_STATE": str(self.state),
+            "FAKE_GCLOUD_TREE": str(tree),
         }
 
-    def run(self, *flags: str, **settings: str) -> subprocess.CompletedProcess[str]:
+    def run(self, *args: str, **settings: str) -> subprocess.CompletedProcess[str]:
+        """Run deploy.sh; every gcloud call it made must fit the real CLI's tree."""
         self.log.write_text("")
         env = {**self.env, **SETTINGS, **settings}
         env = {k: v for k, v in env.items() if v is not None and v != "<unset>"}
-        return subprocess.run(
-            ["bash", str(self.dir / "deploy.sh"), *flags],
+        result = subprocess.run(
+            ["bash", str(self.dir / "deploy.sh"), *args],
             env=env,
             capture_output=True,
             text=True,
-            timeout=60,
+            timeout=120,
         )
+        invalid = [c for c in self.calls() if "invalid" in c]
+        assert not invalid, f"gcloud calls the real CLI would refuse: {invalid}"
+        return result
 
     def calls(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.log.read_text().splitlines()]
@@ -73,10 +97,56 @@ class Deploy:
     def find(self, *words: str) -> list[list[str]]:
         return [argv for argv in (c["argv"] for c in self.calls()) if all(w in argv for w in words)]
 
+    def read_state(self) -> dict[str, Any]:
+        return json.loads(self.state.read_text())
+
+    def set_state(self, **values: Any) -> None:
+        self.state.write_text(json.dumps({**self.read_state(), **values}))
+
+    def bindings(self) -> set[tuple[str, ...]]:
+        return {tuple(b) for b in self.read_state().get("bindings", [])}
+
+    def rendered_job(self) -> dict[str, Any]:
+        [replace] = [c for c in self.calls() if c["argv"][:3] == ["run", "jobs", "replace"]]
+        assert "__" not in replace["file"]
+        job: dict[str, Any] = yaml.safe_load(replace["file"])
+        return job
+
+
+def container_env(job: dict[str, Any]) -> dict[str, Any]:
+    [container] = job["spec"]["template"]["spec"]["template"]["spec"]["containers"]
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+
 
 @pytest.fixture
-def deploy(tmp_path: Path) -> Deploy:
-    return Deploy(tmp_path)
+def deploy(tmp_path: Path, cli_tree: Path) -> Deploy:
+    return Deploy(tmp_path, cli_tree)
+
+
+# -- the CLI tree check itself ---------------------------------------------------------
+
+
+def test_the_tree_check_refuses_what_real_gcloud_refuses(cli_tree: Path, deploy: Deploy) -> None:
+    tree = json.loads(cli_tree.read_text())
+    assert cli_problem(["run", "jobs", "execute", "j", "--region=r", "--wait"], tree) is None
+    assert cli_problem(["run", "jobs", "execute", "j", "--no-wait"], tree) is None
+    assert cli_problem(["scheduler", "jobs", "create", "http", "j", "--http-method=POST"], tree) is None
+    assert "unrecognized flag --bogus" in str(cli_problem(["run", "jobs", "execute", "j", "--bogus=1"], tree))
+    assert "invalid choice 'lanch'" in str(cli_problem(["run", "jobs", "lanch", "j"], tree))
+    assert "not one of" in str(cli_problem(["scheduler", "jobs", "create", "http", "j", "--http-method=FETCH"], tree))
+    assert "takes no value" in str(cli_problem(["run", "jobs", "execute", "j", "--wait=yes"], tree))
+    assert "command group" in str(cli_problem(["run", "jobs"], tree))
+    assert "invalid choice 'policies' for gcloud monitoring" in str(
+        cli_problem(["monitoring", "policies", "create", "--policy-from-file=f"], tree)
+    )  # GA has no alert policies: only alpha does
+    # ... and the fake answers such a call as gcloud does, exit 2, recorded as invalid.
+    result = subprocess.run(["gcloud", "tasks", "queues", "describe", "q", "--zone=x"],
+                            env=deploy.env, capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 2 and "unrecognized flag --zone" in result.stderr
+    assert "invalid" in deploy.calls()[0]
+
+
+# -- deploy ------------------------------------------------------------------------------
 
 
 def test_missing_settings_fail_fast_naming_each(deploy: Deploy) -> None:
@@ -88,10 +158,12 @@ def test_missing_settings_fail_fast_naming_each(deploy: Deploy) -> None:
 
 
 def test_malformed_settings_fail_fast(deploy: Deploy) -> None:
-    result = deploy.run(CLOUD_SQL_INSTANCE="anpi-db", ANPI_CALL_URL="http://x/call")
+    result = deploy.run(CLOUD_SQL_INSTANCE="anpi-db", ANPI_CALL_URL="http://x/call",
+                        ALERT_EMAIL="ops@example.com, nobody", DB_NAME="a\nb")  # fmt: skip
     assert result.returncode != 0
-    assert "CLOUD_SQL_INSTANCE" in result.stderr and "ANPI_CALL_URL" in result.stderr
-    assert deploy.mutating() == []
+    for name in ("CLOUD_SQL_INSTANCE", "ANPI_CALL_URL", "'nobody' is not an email", "DB_NAME holds"):
+        assert name in result.stderr
+    assert deploy.calls() == []
 
 
 def test_first_full_run(deploy: Deploy) -> None:
@@ -100,29 +172,29 @@ def test_first_full_run(deploy: Deploy) -> None:
     assert all(c["rc"] == 0 for c in deploy.calls() if not READ_ONLY & set(c["argv"]))
     [enable] = deploy.find("services", "enable")
     for api in ("run", "cloudtasks", "cloudscheduler", "cloudbuild", "artifactregistry",
-                "sqladmin", "secretmanager", "iam"):  # fmt: skip
+                "sqladmin", "secretmanager", "iam", "monitoring", "logging"):  # fmt: skip
         assert f"{api}.googleapis.com" in enable
 
     [queue] = deploy.find("tasks", "queues", "create")
-    assert "--location=asia-northeast1" in queue
+    assert "anpi-call-queue" in queue and "--location=asia-northeast1" in queue
     for setting in ("--max-attempts=4", "--min-backoff=30s", "--max-backoff=120s",
                     "--max-retry-duration=600s", "--max-dispatches-per-second=10",
                     "--max-concurrent-dispatches=50"):  # fmt: skip
         assert setting in queue
 
-    state = json.loads(deploy.state.read_text())
-    bindings = {tuple(b) for b in state["bindings"]}
-    assert ("project", "anpi-prod", RUNTIME_SA, "roles/cloudsql.client") in bindings
+    bindings = deploy.bindings()
     assert ("secret", "anpi-db-password", RUNTIME_SA, "roles/secretmanager.secretAccessor") in bindings
-    for role in ("roles/cloudtasks.enqueuer", "roles/cloudtasks.viewer", "roles/cloudtasks.taskDeleter"):
+    for role in QUEUE_ROLES:
         assert ("queue", "anpi-call-queue", RUNTIME_SA, role) in bindings
-    assert (
-        "run-job", "anpi-call-create-task-job", f"serviceAccount:{SCHEDULER_SA}", "roles/run.invoker"
-    ) in bindings
+    assert ("run-job", JOB, f"serviceAccount:{SCHEDULER_SA}", "roles/run.invoker") in bindings
+    # Cloud Build's account: push to the repository only, logs and source on the project.
+    assert ("repository", "anpi", BUILD_SA, "roles/artifactregistry.writer") in bindings
     # Least privilege: nothing else on the project, no invoker on the project.
-    assert [b for b in bindings if b[0] == "project"] == [
-        ("project", "anpi-prod", RUNTIME_SA, "roles/cloudsql.client")
-    ]
+    assert {b for b in bindings if b[0] == "project"} == {
+        ("project", "anpi-prod", RUNTIME_SA, "roles/cloudsql.client"),
+        ("project", "anpi-prod", BUILD_SA, "roles/logging.logWriter"),
+        ("project", "anpi-prod", BUILD_SA, "roles/storage.objectViewer"),
+    }
 
     [scheduler] = deploy.find("scheduler", "jobs", "create", "http")
     assert "anpi-call-scheduler-job" in scheduler
@@ -130,7 +202,7 @@ def test_first_full_run(deploy: Deploy) -> None:
     assert "--time-zone=Asia/Tokyo" in scheduler
     assert (
         "--uri=https://asia-northeast1-run.googleapis.com/apis/run.googleapis.com/v1/"
-        "namespaces/anpi-prod/jobs/anpi-call-create-task-job:run"
+        f"namespaces/anpi-prod/jobs/{JOB}:run"
     ) in scheduler
     assert f"--oauth-service-account-email={SCHEDULER_SA}" in scheduler
     assert not [a for a in scheduler if a.startswith("--oidc")]
@@ -140,69 +212,89 @@ def test_first_full_run(deploy: Deploy) -> None:
     assert "--args=--check" in check and "--wait" in check
     assert "--args=--dry-run" in dry and "--wait" in dry
 
-    # Order: APIs, accounts, queue, image, job, scheduler, smoke test.
-    order = [c["argv"][:3] for c in deploy.calls() if not READ_ONLY & set(c["argv"])]
-    firsts = [order.index(next(o for o in order if o[:2] == key)) for key in (
+    # Order: APIs, accounts, queue, repository, alerts, image, job, scheduler, smoke test.
+    order = [c["argv"] for c in deploy.calls() if not READ_ONLY & set(c["argv"])]
+    firsts = [order.index(next(o for o in order if o[: len(key)] == key)) for key in (
         ["services", "enable"], ["iam", "service-accounts"], ["tasks", "queues"],
+        ["artifacts", "repositories"], ["logging", "metrics"], ["alpha", "monitoring"],
         ["builds", "submit"], ["run", "jobs"], ["scheduler", "jobs"])]  # fmt: skip
     assert firsts == sorted(firsts)
-    assert order[-1] == ["run", "jobs", "execute"]
+    assert order[-1][:3] == ["run", "jobs", "execute"]
+    # Every command is printed before it runs.
+    assert result.stderr.count("\n+ gcloud ") + result.stderr.startswith("+ gcloud ") >= len(deploy.calls())
 
 
 def test_rendered_job_yaml(deploy: Deploy) -> None:
-    assert deploy.run("--skip-test", TASK_COUNT="4").returncode == 0
-    [replace] = [c for c in deploy.calls() if c["argv"][:3] == ["run", "jobs", "replace"]]
-    job = yaml.safe_load(replace["file"])
+    assert deploy.run("--skip-test").returncode == 0
+    job = deploy.rendered_job()
     assert job["apiVersion"] == "run.googleapis.com/v1" and job["kind"] == "Job"
-    assert job["metadata"]["name"] == "anpi-call-create-task-job"
+    assert job["metadata"]["name"] == JOB
     execution = job["spec"]["template"]
     assert (
         execution["metadata"]["annotations"]["run.googleapis.com/cloudsql-instances"]
         == "anpi-prod:asia-northeast1:anpi-db"
     )
-    assert execution["spec"]["taskCount"] == 4 and execution["spec"]["parallelism"] == 4
+    assert execution["spec"]["taskCount"] == 1 and execution["spec"]["parallelism"] == 1
     task = execution["spec"]["template"]["spec"]
     assert task["serviceAccountName"] == RUNTIME_SA.split(":")[1]
     assert task["maxRetries"] >= 1
     assert task["timeoutSeconds"] > 0
     [container] = task["containers"]
-    assert container["image"].startswith(
-        "asia-northeast1-docker.pkg.dev/anpi-prod/anpi/anpi-call-scheduler:"
-    )
-    env = {e["name"]: e for e in container["env"]}
-    assert env["INSTANCE_CONNECTION_NAME"]["value"] == "anpi-prod:asia-northeast1:anpi-db"
-    assert env["DB_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "anpi-db-password", "key": "7"}
-    assert "value" not in env["DB_PASSWORD"]
-    assert env["ANPI_CALL_URL"]["value"] == "https://webhook.example.com/call"
-    assert env["ENQUEUE_MAX_PER_SECOND"]["value"] == "125"  # 500/s shared by 4 shards
-    assert "__" not in replace["file"]
+    assert container["image"].startswith("asia-northeast1-docker.pkg.dev/anpi-prod/anpi/anpi-call-scheduler:")
+    env = container_env(job)
+    assert env["INSTANCE_CONNECTION_NAME"] == "anpi-prod:asia-northeast1:anpi-db"
+    assert env["DB_PASSWORD"] == {"secretKeyRef": {"name": "anpi-db-password", "key": "7"}}
+    assert env["ANPI_CALL_URL"] == "https://webhook.example.com/call"
+    assert env["ENQUEUE_MAX_PER_SECOND"] == "500" and env["QUEUE_PER_SHARD"] == "0"
+    assert env["QUEUE_MAX_DISPATCHES_PER_SECOND"] == "10"
+    # Every variable job.yaml sets is one the job reads.
+    source = (ROOT / "main.py").read_text()
+    assert [name for name in env if f'"{name}"' not in source] == []
 
 
-def test_job_yaml_template_parses(deploy: Deploy) -> None:
-    template = yaml.safe_load((ROOT / "job.yaml").read_text())
-    assert template["kind"] == "Job"
-    spec = template["spec"]["template"]["spec"]["template"]["spec"]
-    assert {"serviceAccountName", "maxRetries", "timeoutSeconds", "containers"} <= set(spec)
+def test_values_survive_into_job_yaml_exactly(deploy: Deploy) -> None:
+    """`&` (bash 5.2's patsub_replacement), `#` (a YAML comment), quotes, spaces and YAML
+    keywords and numbers come back from the rendered job.yaml exactly as they went in."""
+    values = {
+        "ANPI_CALL_URL": "https://hook.example.com/call?a=1&b=2&&c=&#frag 'x' \"y\" \\z",
+        "DB_USER": "yes",
+        "DB_NAME": "0123",
+        "DB_PASSWORD_SECRET": "no",
+        "DEFAULT_TIMEZONE": "Asia/Tokyo # not a comment",
+        "CLOUD_TASKS_QUEUE": "null",
+    }
+    deploy.set_state(secrets=["no"])
+    result = deploy.run("--skip-test", "--deploy-only", **values)
+    assert result.returncode == 0, result.stderr
+    env = container_env(deploy.rendered_job())
+    assert env["ANPI_CALL_URL"] == values["ANPI_CALL_URL"]
+    assert env["DB_USER"] == "yes" and env["DB_NAME"] == "0123"
+    assert env["DEFAULT_TIMEZONE"] == values["DEFAULT_TIMEZONE"]
+    assert env["CLOUD_TASKS_QUEUE"] == "null"
+    assert env["DB_PASSWORD"]["secretKeyRef"]["name"] == "no"
 
 
 def test_second_full_run_updates_without_a_rejected_create(deploy: Deploy) -> None:
-    assert deploy.run().returncode == 0
-    second = deploy.run()
+    assert deploy.run(ALERT_EMAIL="ops@example.com").returncode == 0
+    second = deploy.run(ALERT_EMAIL="ops@example.com")
     assert second.returncode == 0, second.stderr
-    assert all(c["rc"] == 0 for c in deploy.calls() if not READ_ONLY & set(c["argv"]))
+    assert all(c["rc"] == 0 for c in deploy.calls())  # every describe found its resource
     assert not deploy.find("create")  # every resource existed: updated, not created
     assert deploy.find("tasks", "queues", "update")
     assert deploy.find("scheduler", "jobs", "update", "http")
+    assert len(deploy.find("logging", "metrics", "update")) == 2
+    assert len(deploy.find("alpha", "monitoring", "policies", "update")) == 4
 
 
 def test_dry_run_changes_nothing(deploy: Deploy) -> None:
-    result = deploy.run("--dry-run")
+    result = deploy.run("--dry-run", ALERT_EMAIL="ops@example.com")
     assert result.returncode == 0, result.stderr
     assert deploy.mutating() == []
     # ... but prints every command it would run.
     for words in ("gcloud services enable", "gcloud tasks queues create", "gcloud builds submit",
                   "gcloud run jobs replace", "gcloud scheduler jobs create http",
-                  "gcloud run jobs execute"):  # fmt: skip
+                  "gcloud beta monitoring channels create", "gcloud logging metrics create",
+                  "gcloud alpha monitoring policies create", "gcloud run jobs execute"):  # fmt: skip
         assert f"+ {words}" in result.stderr
 
 
@@ -210,50 +302,367 @@ def test_infrastructure_only(deploy: Deploy) -> None:
     assert deploy.run("--infrastructure-only").returncode == 0
     assert deploy.find("tasks", "queues", "create")
     assert deploy.find("artifacts", "repositories", "create")
-    assert not deploy.find("builds") and not deploy.find("run", "jobs") and not deploy.find("scheduler")
+    assert deploy.find("alpha", "monitoring", "policies", "create")
+    assert not deploy.find("builds", "submit") and not deploy.find("run", "jobs") and not deploy.find("scheduler")
 
 
 def test_deploy_only(deploy: Deploy) -> None:
     assert deploy.run("--infrastructure-only").returncode == 0
     result = deploy.run("--deploy-only")
     assert result.returncode == 0, result.stderr
-    assert not deploy.find("services") and not deploy.find("tasks", "queues")
+    assert not deploy.find("services") and not deploy.find("tasks", "queues") and not deploy.find("monitoring")
     assert deploy.find("builds", "submit") and deploy.find("run", "jobs", "replace")
     assert deploy.find("scheduler", "jobs", "create", "http")
     assert deploy.find("run", "jobs", "execute")
 
 
+def test_a_describe_that_is_denied_stops_the_script(deploy: Deploy) -> None:
+    """Only NOT_FOUND means absent: PERMISSION_DENIED must not lead to a create."""
+    deploy.set_state(faults={"deny": ["tasks queues describe"]})
+    result = deploy.run()
+    assert result.returncode == 1
+    assert "PERMISSION_DENIED" in result.stderr  # gcloud's own error
+    assert "cannot tell whether it exists: gcloud tasks queues describe anpi-call-queue" in result.stderr
+    assert not deploy.find("tasks", "queues", "create") and not deploy.find("builds")
+
+
+def test_iam_bindings_are_retried_while_a_new_account_propagates(deploy: Deploy) -> None:
+    deploy.set_state(faults={"iam_not_yet": 2})
+    result = deploy.run("--infrastructure-only")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("IAM not ready yet") == 2
+    attempts = [c["rc"] for c in deploy.calls() if "add-iam-policy-binding" in c["argv"]]
+    assert attempts[:3] == [1, 1, 0]  # the first binding: twice "does not exist", then done
+    assert ("project", "anpi-prod", RUNTIME_SA, "roles/cloudsql.client") in deploy.bindings()
+
+
+def test_iam_retries_are_bounded(deploy: Deploy) -> None:
+    deploy.set_state(faults={"iam_not_yet": 100})
+    result = deploy.run("--infrastructure-only", IAM_RETRY_SECONDS="3")
+    assert result.returncode == 1
+    assert "does not exist" in result.stderr and "IAM binding failed (after 3s of retries)" in result.stderr
+    assert len([c for c in deploy.calls() if "add-iam-policy-binding" in c["argv"]]) == 3  # 1+2 s
+
+
+def test_the_smoke_test_waits_for_iam_and_retries_once(deploy: Deploy) -> None:
+    deploy.set_state(faults={"execute_fail": 1})
+    result = deploy.run(IAM_WAIT_SECONDS="1")
+    assert result.returncode == 0, result.stderr
+    assert "waiting 1s for the new IAM grants" in result.stderr
+    assert "retrying once in 1s" in result.stderr
+    assert [c["rc"] for c in deploy.calls() if "execute" in c["argv"]] == [1, 0, 0]
+
+
 def test_skip_test_and_a_failing_smoke_test(deploy: Deploy) -> None:
     assert deploy.run("--skip-test").returncode == 0
     assert not deploy.find("execute")
-    deploy.env["FAKE_GCLOUD_EXECUTE_FAIL"] = "1"
-    failed = deploy.run()
+    deploy.set_state(faults={"execute_fail": -1})
+    failed = deploy.run("--deploy-only")
     assert failed.returncode != 0
-    assert "smoke test failed" in failed.stderr
+    assert "smoke test failed (--check)" in failed.stderr
+    assert len(deploy.find("execute")) == 2  # tried, then retried once
 
 
 def test_oidc_account_gets_service_account_user(deploy: Deploy) -> None:
     account = "anpi-call-invoker@anpi-prod.iam.gserviceaccount.com"
-    state = json.loads(deploy.state.read_text())
-    state["resources"][f"service-account/{account}"] = {}
-    deploy.state.write_text(json.dumps(state))
+    deploy.set_state(resources={f"service-account/{account}": {}})
     assert deploy.run("--skip-test", TASKS_OIDC_SERVICE_ACCOUNT=account).returncode == 0
-    bindings = {tuple(b) for b in json.loads(deploy.state.read_text())["bindings"]}
-    assert ("service-account", account, RUNTIME_SA, "roles/iam.serviceAccountUser") in bindings
+    assert ("service-account", account, RUNTIME_SA, "roles/iam.serviceAccountUser") in deploy.bindings()
 
 
-def test_deploy_env_file_and_help(deploy: Deploy) -> None:
+def test_image_tag_names_the_commit_and_an_uncommitted_tree(deploy: Deploy) -> None:
+    def tag() -> str:
+        assert deploy.run("--skip-test", "--deploy-only").returncode == 0
+        [build] = deploy.find("builds", "submit")
+        return next(a for a in build if a.startswith("--tag=")).rsplit(":", 1)[1]
+
+    assert tag().startswith("nogit-")  # a copy without git
+    git = ["git", "-C", str(deploy.dir), "-c", "user.name=t", "-c", "user.email=t@example.com"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "x"], check=True)
+    sha = subprocess.run([*git, "rev-parse", "--short", "HEAD"], check=True, capture_output=True,
+                         text=True).stdout.strip()  # fmt: skip
+    assert tag() == sha
+    (deploy.dir / "job.yaml").write_text((deploy.dir / "job.yaml").read_text() + "\n")
+    dirty = tag()
+    assert dirty.startswith(f"{sha}-dirty-") and len(dirty) == len(sha) + len("-dirty-20261202T090000Z")
+
+
+# -- deploy.env -------------------------------------------------------------------------
+
+TRICKY_DOTENV = """\
+# a comment
+export GOOGLE_CLOUD_PROJECT=anpi-prod
+CLOUD_SQL_INSTANCE=anpi-prod:asia-northeast1:anpi-db
+SCHEDULE="0 * * * *"   # every hour
+DB_USER = 'anpi_job'
+DB_NAME=anpi # inline comment
+ANPI_CALL_URL="https://hook.example.com/call?a=1&b=2#frag"
+DB_PASSWORD_SECRET=anpi-db-password#not-a-comment
+ALERT_EMAIL= # empty, then a comment
+REGION='asia-northeast1'
+QUOTED="say \\"hi\\" \\t tab \\n newline \\\\ back"
+SINGLE='it\\'s \\n raw'
+SPACES=  padded value<3 spaces>
+EMPTY=
+EXPANDED=${GOOGLE_CLOUD_PROJECT}-x-${MISSING:-fallback}-${ALSO_MISSING}
+NOVALUE
+""".replace("<3 spaces>", "   ")
+
+
+def dotenv_as_deploy_reads_it(tmp_path: Path, text: str, names: list[str]) -> dict[str, str | None]:
+    """Source deploy.sh and read `text` with its parser: name -> value (None: unset)."""
+    path = tmp_path / "deploy.env"
+    path.write_text(text)
+    script = f'source {ROOT / "deploy.sh"}; read_dotenv {path}; for n in {" ".join(names)}; do ' \
+        'if [[ -v $n ]]; then printf "%s=%s\\0" "$n" "${!n}"; fi; done'  # fmt: skip
+    result = subprocess.run(["bash", "-c", script], env={"PATH": os.environ["PATH"]},
+                            capture_output=True, text=True, check=True)  # fmt: skip
+    values = dict(item.split("=", 1) for item in result.stdout.split("\0") if item)
+    return {name: values.get(name) for name in names}
+
+
+def test_deploy_env_is_read_as_python_dotenv_reads_it(tmp_path: Path) -> None:
+    expected = dotenv_values(stream=__import__("io").StringIO(TRICKY_DOTENV))
+    names = list(expected)
+    assert "NOVALUE" in names and expected["SCHEDULE"] == "0 * * * *"
+    assert dotenv_as_deploy_reads_it(tmp_path, TRICKY_DOTENV, names) == dict(expected)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["plain", "single", "double", "export"]),
+                          st.text(st.characters(codec="utf-8", exclude_categories=["Cc", "Cs"]),
+                                  max_size=12)),
+                min_size=1, max_size=8))  # fmt: skip
+def test_deploy_env_matches_python_dotenv_on_any_value(
+    tmp_path_factory: pytest.TempPathFactory, lines: list[tuple[str, str]]
+) -> None:
+    text, names = "", []
+    for i, (style, value) in enumerate(lines):
+        name = f"V{i}"
+        names.append(name)
+        if style == "single":
+            text += f"{name}='{value.replace(chr(92), chr(92) * 2).replace(chr(39), chr(92) + chr(39))}'\n"
+        elif style == "double":
+            text += f'{name}="{value.replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"\n'
+        else:
+            text += f"{'export ' if style == 'export' else ''}{name}={value}\n"
+    expected = dotenv_values(stream=__import__("io").StringIO(text))
+    got = dotenv_as_deploy_reads_it(tmp_path_factory.mktemp("env"), text, names)
+    assert got == {n: expected.get(n) for n in names}, text
+
+
+def test_deploy_env_file_wins_only_over_unset_variables(deploy: Deploy) -> None:
     (deploy.dir / "deploy.env").write_text(
-        "\n".join(f"{k}={v}" for k, v in SETTINGS.items() if k != "DB_NAME") + "\nDB_NAME=from_file\n"
+        TRICKY_DOTENV + 'DB_NAME="from file, lost to the environment"\n'
     )
-    env_only = {k: "<unset>" for k in SETTINGS}
-    result = deploy.run("--skip-test", **env_only)
+    deploy.set_state(secrets=["anpi-db-password#not-a-comment"])
+    env_only = {k: "<unset>" for k in SETTINGS if k not in ("DB_NAME", "IAM_WAIT_SECONDS")}
+    result = deploy.run("--skip-test", **env_only, DB_NAME="from_env")
     assert result.returncode == 0, result.stderr
-    [replace] = [c for c in deploy.calls() if c["argv"][:3] == ["run", "jobs", "replace"]]
-    assert "value: from_file" in replace["file"]
+    [scheduler] = deploy.find("scheduler", "jobs", "create", "http")
+    assert "--schedule=0 * * * *" in scheduler  # no quotes, no comment
+    env = container_env(deploy.rendered_job())
+    assert env["ANPI_CALL_URL"] == "https://hook.example.com/call?a=1&b=2#frag"
+    assert env["DB_USER"] == "anpi_job" and env["DB_NAME"] == "from_env"
+    assert env["DB_PASSWORD"]["secretKeyRef"]["name"] == "anpi-db-password#not-a-comment"
+
+
+def test_help_and_unknown_flags(deploy: Deploy) -> None:
     helped = deploy.run("--help")
-    assert helped.returncode == 0 and "--infrastructure-only" in helped.stdout
+    assert helped.returncode == 0
+    for word in ("--infrastructure-only", "status", "logs [--since 2h] [--severity", "execute [--dry-run] [--wait]",
+                 "pause | resume", "rollback TAG"):  # fmt: skip
+        assert word in helped.stdout
     assert deploy.run("--bogus").returncode != 0
+    assert deploy.run("logs", "--bogus").returncode != 0
+    assert deploy.calls() == []
+
+
+# -- alerts -------------------------------------------------------------------------------
+
+
+def test_alerts_are_created_once_and_updated_on_a_rerun(deploy: Deploy) -> None:
+    first = deploy.run("--infrastructure-only")
+    assert first.returncode == 0, first.stderr
+    assert "ALERT_EMAIL is not set: the alert policies exist but notify nobody" in first.stderr
+    state = deploy.read_state()
+    policies = {p["displayName"]: p for p in state["policies"].values()}
+    assert sorted(policies) == sorted([
+        f"{JOB}: an execution failed", f"{JOB}: no successful execution for 2 hours",
+        f"{JOB}: rows became invalid", f"{JOB}: calls failed or were not attempted"])  # fmt: skip
+    assert all(p["notificationChannels"] == [] for p in policies.values())
+    assert all("./deploy.sh" in p["documentation"]["content"] for p in policies.values())
+
+    [failed] = policies[f"{JOB}: an execution failed"]["conditions"]
+    assert 'metric.type="run.googleapis.com/job/completed_execution_count"' in failed["conditionThreshold"]["filter"]
+    assert 'metric.labels.result="failed"' in failed["conditionThreshold"]["filter"]
+    [absent] = policies[f"{JOB}: no successful execution for 2 hours"]["conditions"]
+    assert absent["conditionAbsent"]["duration"] == "7200s"
+    assert 'metric.labels.result="succeeded"' in absent["conditionAbsent"]["filter"]
+    [invalid] = policies[f"{JOB}: rows became invalid"]["conditions"]
+    assert f"logging.googleapis.com/user/{JOB}-invalid-rows" in invalid["conditionThreshold"]["filter"]
+    metrics = {m[3]: m for m in deploy.find("logging", "metrics", "create")}
+    assert set(metrics) == {f"{JOB}-invalid-rows", f"{JOB}-calls-not-placed"}
+
+    # Rerun, now with two addresses: two channels, the same four policies, updated.
+    second = deploy.run("--infrastructure-only", ALERT_EMAIL="ops@example.com, oncall@example.com")
+    assert second.returncode == 0, second.stderr
+    assert len(deploy.find("beta", "monitoring", "channels", "create")) == 2
+    assert not deploy.find("policies", "create") and not deploy.find("metrics", "create")
+    state = deploy.read_state()
+    assert len(state["policies"]) == 4
+    channels = sorted(state["channels"].values())
+    assert all(sorted(p["notificationChannels"]) == channels for p in state["policies"].values())
+    # A third run reuses the channels.
+    assert deploy.run("--infrastructure-only", ALERT_EMAIL="ops@example.com,oncall@example.com").returncode == 0
+    assert not deploy.find("channels", "create") and len(deploy.read_state()["channels"]) == 2
+
+
+def test_the_log_metrics_match_the_job_s_own_log_lines(deploy: Deploy) -> None:
+    """The filters name what main.py really writes: the invalid-row line (ERROR, its
+    message) and the summary's counters."""
+    assert deploy.run("--infrastructure-only").returncode == 0
+    filters = {m[3]: next(a for a in m if a.startswith("--log-filter=")) for m in deploy.find("metrics", "create")}
+    record = logging.LogRecord("anpi", logging.ERROR, "", 0, "", None, None)
+    row = main.UserRow(id=7, phone_number="+819012345678", call_weekdays="x", call_time=None,
+                       timezone=None, pause_from=None, pause_until=None)  # fmt: skip
+    lines: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = lines.append  # type: ignore[method-assign]
+    main.log.addHandler(handler)
+    try:
+        main.log_invalid(row, main.InvalidRow("call_weekdays", "bad"))
+    finally:
+        main.log.removeHandler(handler)
+    entry = json.loads(main.JsonFormatter().format(lines[0]))
+    assert entry["severity"] == "ERROR" and record is not None
+    invalid = filters[f"{JOB}-invalid-rows"]
+    assert "severity=ERROR" in invalid and f'jsonPayload.message:"{entry["message"][:19]}"' in invalid
+    not_placed = filters[f"{JOB}-calls-not-placed"]
+    fields = {f.name for f in __import__("dataclasses").fields(main.RunSummary)}
+    for name in ("tasks_failed", "tasks_not_attempted"):
+        assert f"jsonPayload.{name}>0" in not_placed and name in fields
+
+
+# -- day 2 --------------------------------------------------------------------------------
+
+
+def test_day_two_commands(deploy: Deploy) -> None:
+    assert deploy.run("--skip-test").returncode == 0
+    deploy.set_state(resources={**deploy.read_state()["resources"],
+                                "queue/anpi-call-queue": {"depth": 3}})  # fmt: skip
+
+    status = deploy.run("status")
+    assert status.returncode == 0, status.stderr
+    issued = [[w for w in c["argv"] if not w.startswith("-")][:4] for c in deploy.calls()]
+    for command in (["run", "jobs", "describe", JOB], ["run", "jobs", "executions", "list"],
+                    ["scheduler", "jobs", "describe", "anpi-call-scheduler-job"],
+                    ["tasks", "queues", "describe", "anpi-call-queue"], ["tasks", "list"],
+                    ["alpha", "monitoring", "policies", "list"]):  # fmt: skip
+        assert command in issued, command
+    assert "--limit=5" in deploy.find("executions", "list")[0]
+    assert "pending tasks: 3" in status.stdout
+    assert status.stderr.count("+ gcloud ") == len(deploy.calls())
+    assert deploy.mutating() == []
+
+    logs = deploy.run("logs", "--since", "30m", "--severity=warning")
+    assert logs.returncode == 0, logs.stderr
+    [read] = deploy.find("logging", "read")
+    assert f'resource.labels.job_name="{JOB}" AND severity>=WARNING' in read[2] and "--freshness=30m" in read
+    assert deploy.run("logs").returncode == 0 and "--freshness=2h" in deploy.find("logging", "read")[0]
+    assert deploy.run("logs", "--since", "soon").returncode == 1
+
+    assert deploy.run("execute", "--dry-run", "--wait").returncode == 0
+    [execute] = deploy.find("run", "jobs", "execute")
+    assert execute[3] == JOB and "--args=--dry-run" in execute and "--wait" in execute
+    assert deploy.run("execute").returncode == 0
+    assert not [a for a in deploy.find("execute")[0] if a.startswith(("--args", "--wait"))]
+
+    assert deploy.run("pause").returncode == 0
+    assert deploy.read_state()["resources"]["scheduler-job/anpi-call-scheduler-job"]["state"] == "pause"
+    assert deploy.run("resume").returncode == 0
+    assert deploy.read_state()["resources"]["scheduler-job/anpi-call-scheduler-job"]["state"] == "resume"
+
+    image = deploy.read_state()["images"][0]
+    deploy.set_state(images=["asia-northeast1-docker.pkg.dev/anpi-prod/anpi/anpi-call-scheduler:abc1234",
+                             image])  # fmt: skip
+    rolled = deploy.run("rollback", "abc1234")
+    assert rolled.returncode == 0, rolled.stderr
+    [update] = deploy.find("run", "jobs", "update")
+    assert "--image=asia-northeast1-docker.pkg.dev/anpi-prod/anpi/anpi-call-scheduler:abc1234" in update
+    assert f"to undo this rollback: ./deploy.sh rollback {image.rsplit(':', 1)[1]}" in rolled.stderr
+    missing = deploy.run("rollback", "nosuchtag")
+    assert missing.returncode == 1 and "no image" in missing.stderr
+    assert not deploy.find("run", "jobs", "update")
+    assert deploy.run("rollback").returncode == 1
+
+
+def test_day_two_commands_need_only_the_project(deploy: Deploy) -> None:
+    unset = {k: "<unset>" for k in SETTINGS if k != "GOOGLE_CLOUD_PROJECT"}
+    assert deploy.run("pause", **unset).returncode == 1  # no scheduler job yet: gcloud's error
+    assert deploy.find("scheduler", "jobs", "pause")
+    assert deploy.run("pause", GOOGLE_CLOUD_PROJECT="<unset>").returncode == 1
+    assert deploy.calls() == []
+
+
+# -- one queue per shard (TASK_COUNT > 1) ------------------------------------------------
+
+
+def test_four_shards_get_four_queues_each_with_the_full_cap(deploy: Deploy) -> None:
+    result = deploy.run("--skip-test", TASK_COUNT="4")
+    assert result.returncode == 0, result.stderr
+    queues = [f"anpi-call-queue-{i}" for i in range(4)]
+    assert [q[3] for q in deploy.find("tasks", "queues", "create")] == queues
+    for queue in queues:
+        for role in QUEUE_ROLES:
+            assert ("queue", queue, RUNTIME_SA, role) in deploy.bindings()
+    job = deploy.rendered_job()
+    assert job["spec"]["template"]["spec"]["taskCount"] == 4
+    env = container_env(job)
+    assert env["QUEUE_PER_SHARD"] == "1" and env["ENQUEUE_MAX_PER_SECOND"] == "500"
+    assert env["CLOUD_TASKS_QUEUE"] == "anpi-call-queue"  # the job adds -i itself
+
+    before = deploy.read_state()
+    rerun = deploy.run("--skip-test", TASK_COUNT="4")
+    assert rerun.returncode == 0 and not deploy.find("create")
+    assert [q[3] for q in deploy.find("tasks", "queues", "update")] == queues
+    after = deploy.read_state()
+    assert {tuple(b) for b in after["bindings"]} == {tuple(b) for b in before["bindings"]}
+    assert sorted(after["resources"]) == sorted(before["resources"])
+    assert "no longer used" not in rerun.stderr
+
+
+def test_shrinking_task_count_names_the_leftover_queues_and_deletes_none(deploy: Deploy) -> None:
+    assert deploy.run("--skip-test", TASK_COUNT="4").returncode == 0
+    deploy.set_state(resources={**deploy.read_state()["resources"],
+                                "queue/anpi-call-queue-3": {"depth": 12}})  # fmt: skip
+    result = deploy.run("--skip-test", TASK_COUNT="3")
+    assert result.returncode == 0, result.stderr
+    assert "queue anpi-call-queue-3 is no longer used by the job; its 12 pending task(s)" in result.stderr
+    assert "gcloud tasks queues delete anpi-call-queue-3" in result.stderr
+    assert not deploy.find("delete") and [q[3] for q in deploy.find("queues", "update")] == [
+        f"anpi-call-queue-{i}" for i in range(3)
+    ]
+    # Back to one shared queue: the per-shard queues are left over in turn.
+    back = deploy.run("--skip-test", TASK_COUNT="1")
+    assert back.returncode == 0 and "queue anpi-call-queue-0 is no longer used" in back.stderr
+    assert container_env(deploy.rendered_job())["QUEUE_PER_SHARD"] == "0"
+
+
+def test_one_shared_queue_splits_the_cap(deploy: Deploy) -> None:
+    assert deploy.run("--skip-test", TASK_COUNT="4", QUEUE_PER_SHARD="0").returncode == 0
+    assert [q[3] for q in deploy.find("tasks", "queues", "create")] == ["anpi-call-queue"]
+    env = container_env(deploy.rendered_job())
+    assert env["ENQUEUE_MAX_PER_SECOND"] == "125" and env["QUEUE_PER_SHARD"] == "0"
+
+
+def test_job_yaml_template_parses() -> None:
+    template = yaml.safe_load((ROOT / "job.yaml").read_text())
+    assert template["kind"] == "Job"
+    spec = template["spec"]["template"]["spec"]["template"]["spec"]
+    assert {"serviceAccountName", "maxRetries", "timeoutSeconds", "containers"} <= set(spec)
 
 
 def test_shellcheck_and_hadolint() -> None:
