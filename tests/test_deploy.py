@@ -4,6 +4,8 @@ without Docker."""
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
 import logging
 import os
@@ -17,6 +19,7 @@ from typing import Any
 import pytest
 import yaml
 from dotenv import dotenv_values
+from dotenv.parser import parse_stream
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -411,20 +414,24 @@ NOVALUE
 """.replace("<3 spaces>", "   ")
 
 
-def dotenv_as_deploy_reads_it(tmp_path: Path, text: str, names: list[str]) -> dict[str, str | None]:
-    """Source deploy.sh and read `text` with its parser: name -> value (None: unset)."""
+def dotenv_as_deploy_reads_it(tmp_path: Path, text: str, names: list[str]) -> dict[str, str | None] | None:
+    """Source deploy.sh and read `text` with its parser: name -> value (None: unset), or
+    None when it refuses the file."""
     path = tmp_path / "deploy.env"
     path.write_text(text)
     script = f'source {ROOT / "deploy.sh"}; read_dotenv {path}; for n in {" ".join(names)}; do ' \
         'if [[ -v $n ]]; then printf "%s=%s\\0" "$n" "${!n}"; fi; done'  # fmt: skip
     result = subprocess.run(["bash", "-c", script], env={"PATH": os.environ["PATH"]},
-                            capture_output=True, text=True, check=True)  # fmt: skip
+                            capture_output=True, text=True)  # fmt: skip
+    if result.returncode != 0:
+        assert f"{path}:" in result.stderr  # refused naming the file and line
+        return None
     values = dict(item.split("=", 1) for item in result.stdout.split("\0") if item)
     return {name: values.get(name) for name in names}
 
 
 def test_deploy_env_is_read_as_python_dotenv_reads_it(tmp_path: Path) -> None:
-    expected = dotenv_values(stream=__import__("io").StringIO(TRICKY_DOTENV))
+    expected = dotenv_values(stream=io.StringIO(TRICKY_DOTENV))
     names = list(expected)
     assert "NOVALUE" in names and expected["SCHEDULE"] == "0 * * * *"
     assert dotenv_as_deploy_reads_it(tmp_path, TRICKY_DOTENV, names) == dict(expected)
@@ -432,8 +439,10 @@ def test_deploy_env_is_read_as_python_dotenv_reads_it(tmp_path: Path) -> None:
 
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(["plain", "single", "double", "export"]),
-                          st.text(st.characters(codec="utf-8", exclude_categories=["Cc", "Cs"]),
-                                  max_size=12)),
+                          # ASCII and Japanese: Unicode spaces such as U+00A0 are
+                          # whitespace to Python, not to bash, and no setting holds one.
+                          st.text(st.characters(min_codepoint=32, max_codepoint=126)
+                                  | st.sampled_from("安否確認コール"), max_size=12)),
                 min_size=1, max_size=8))  # fmt: skip
 def test_deploy_env_matches_python_dotenv_on_any_value(
     tmp_path_factory: pytest.TempPathFactory, lines: list[tuple[str, str]]
@@ -448,9 +457,15 @@ def test_deploy_env_matches_python_dotenv_on_any_value(
             text += f'{name}="{value.replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"\n'
         else:
             text += f"{'export ' if style == 'export' else ''}{name}={value}\n"
-    expected = dotenv_values(stream=__import__("io").StringIO(text))
     got = dotenv_as_deploy_reads_it(tmp_path_factory.mktemp("env"), text, names)
-    assert got == {n: expected.get(n) for n in names}, text
+    bindings = list(parse_stream(io.StringIO(text)))
+    if any(b.error or "\n" in b.original.string.rstrip("\n") for b in bindings):
+        # python-dotenv skips a line it cannot parse and lets a quoted value run on
+        # over lines; deploy.sh stops at both, naming the line.
+        assert got is None, text
+    else:
+        expected = dotenv_values(stream=io.StringIO(text))
+        assert got == {n: expected.get(n) for n in names}, text
 
 
 def test_deploy_env_file_wins_only_over_unset_variables(deploy: Deploy) -> None:
@@ -541,7 +556,7 @@ def test_the_log_metrics_match_the_job_s_own_log_lines(deploy: Deploy) -> None:
     invalid = filters[f"{JOB}-invalid-rows"]
     assert "severity=ERROR" in invalid and f'jsonPayload.message:"{entry["message"][:19]}"' in invalid
     not_placed = filters[f"{JOB}-calls-not-placed"]
-    fields = {f.name for f in __import__("dataclasses").fields(main.RunSummary)}
+    fields = {f.name for f in dataclasses.fields(main.RunSummary)}
     for name in ("tasks_failed", "tasks_not_attempted"):
         assert f"jsonPayload.{name}>0" in not_placed and name in fields
 
