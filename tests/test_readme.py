@@ -38,8 +38,11 @@ def deploy_settings() -> set[str]:
 
 
 def deploy_flags() -> set[str]:
+    """deploy.sh's flags and day-2 commands (the words of its `case` patterns)."""
     text = (ROOT / "deploy.sh").read_text()
-    return set(re.findall(r"^\s*(--[a-z][a-z-]*)\)", text, re.M)) | {"--help"}
+    flags = set(re.findall(r"^\s*(--[a-z][a-z-]*)\)", text, re.M)) | {"--help"}
+    [commands] = re.findall(r"^\s*((?:[a-z]+ \| )+[a-z]+)\)$", text, re.M)
+    return flags | {f"./deploy.sh {c}" for c in commands.split(" | ")}
 
 
 def job_flags() -> set[str]:
