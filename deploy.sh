@@ -30,6 +30,10 @@ readonly QUEUE_ROLES=(roles/cloudtasks.enqueuer roles/cloudtasks.viewer roles/cl
 readonly QUEUE_CREATE_CAP=500
 readonly SEVERITIES=(DEFAULT DEBUG INFO NOTICE WARNING ERROR CRITICAL ALERT EMERGENCY)
 
+# Temporary files and directories, removed when the script exits, however it exits.
+TEMP_PATHS=()
+trap 'rm -rf "${TEMP_PATHS[@]}"' EXIT
+
 DRY_RUN=0
 DO_INFRA=1
 DO_DEPLOY=1
@@ -553,8 +557,7 @@ setup_alerts() {
   fi
   local dir
   dir="$(mktemp -d "${TMPDIR:-/tmp}/anpi-alerts.XXXXXX")"
-  # shellcheck disable=SC2064 # expand now: the path is fixed
-  trap "rm -rf '${dir}'" EXIT
+  TEMP_PATHS+=("${dir}")
   local -a names=(
     "${JOB_NAME}: an execution failed"
     "${JOB_NAME}: no successful execution for 2 hours"
@@ -652,8 +655,7 @@ deploy_job() {
   run gcloud builds submit "${SCRIPT_DIR}" --tag="${image}" --region="${REGION}" "${PROJECT_FLAGS[@]}"
   version="$(secret_version)"
   rendered="$(mktemp "${TMPDIR:-/tmp}/anpi-job.XXXXXX.yaml")"
-  # shellcheck disable=SC2064 # expand now: the path is fixed
-  trap "rm -f '${rendered}'" EXIT
+  TEMP_PATHS+=("${rendered}")
   render_job_yaml "${image}" "${version}" "${rendered}"
   log "deploying Cloud Run Job ${JOB_NAME} (DB password secret version ${version})"
   run gcloud run jobs replace "${rendered}" --region="${REGION}" "${PROJECT_FLAGS[@]}"
