@@ -73,7 +73,9 @@ class Deploy:
             "FAKE_GCLOUD_LOG": str(self.log),
             "FAKE_GCLOUD_STATE": str(self.state),
             "FAKE_GCLOUD_TREE": str(tree),
+            "TMPDIR": str(tmp / "tmp"),
         }
+        (tmp / "tmp").mkdir()
 
     def run(self, *args: str, **settings: str) -> subprocess.CompletedProcess[str]:
         """Run deploy.sh; every gcloud call it made must fit the real CLI's tree."""
@@ -89,6 +91,7 @@ class Deploy:
         )
         invalid = [c for c in self.calls() if "invalid" in c]
         assert not invalid, f"gcloud calls the real CLI would refuse: {invalid}"
+        assert not list((self.dir.parent / "tmp").iterdir()), "temporary files left behind"
         return result
 
     def calls(self) -> list[dict[str, Any]]:
