@@ -302,7 +302,9 @@ validate_settings() {
   for name in IAM_RETRY_SECONDS IAM_WAIT_SECONDS; do
     [[ "${!name}" =~ ^[0-9]+$ ]] || problems+=("${name} must be a whole number of seconds")
   done
-  for email in $(alert_emails); do
+  # ALERT_EMAIL: addresses separated by commas and/or spaces.
+  IFS=$', \t' read -r -a ALERT_EMAILS <<<"${ALERT_EMAIL}"
+  for email in "${ALERT_EMAILS[@]}"; do
     [[ "${email}" =~ ^[^@[:space:]]+@[^@[:space:]]+\.[^@[:space:]]+$ ]] ||
       problems+=("ALERT_EMAIL: '${email}' is not an email address")
   done
@@ -331,13 +333,6 @@ validate_settings() {
     QUEUES=("${CLOUD_TASKS_QUEUE}")
     ENQUEUE_MAX_PER_SECOND="$((QUEUE_CREATE_CAP / TASK_COUNT > 0 ? QUEUE_CREATE_CAP / TASK_COUNT : 1))"
   fi
-}
-
-alert_emails() {
-  local email
-  for email in ${ALERT_EMAIL//,/ }; do
-    printf '%s\n' "${email}"
-  done
 }
 
 # --- deploy steps -----------------------------------------------------------------
@@ -482,7 +477,7 @@ ensure_log_metric() {
 # The email channels of ALERT_EMAIL, created when missing, as a JSON list of names.
 alert_channels() {
   local email name names=()
-  for email in $(alert_emails); do
+  for email in "${ALERT_EMAILS[@]}"; do
     name="$(call gcloud beta monitoring channels list \
       --filter="type=\"email\" AND labels.email_address=\"${email}\"" --limit=1 \
       --format='value(name)' "${PROJECT_FLAGS[@]}")"
