@@ -12,6 +12,8 @@
 # and grant that user SELECT on users and SELECT, INSERT, UPDATE, DELETE on
 # scheduled_calls; without them the job (and the smoke test) exits 2 naming the grant.
 set -euo pipefail
+# A failure inside $(...) fails the assignment, so set -e sees it.
+shopt -s inherit_errexit
 # bash 5.2 puts the matched text in place of `&` in ${var//pattern/replacement}.
 shopt -u patsub_replacement 2>/dev/null || true
 
@@ -33,6 +35,9 @@ readonly SEVERITIES=(DEFAULT DEBUG INFO NOTICE WARNING ERROR CRITICAL ALERT EMER
 # Temporary files and directories, removed when the script exits, however it exits.
 TEMP_PATHS=()
 trap 'rm -rf "${TEMP_PATHS[@]}"' EXIT
+# Policies whose log-based metric is new fail until Cloud Monitoring knows the metric
+# ("Cannot find metric(s)"): up to 10 minutes.
+readonly METRIC_READY_SECONDS=600
 
 DRY_RUN=0
 DO_INFRA=1
@@ -46,14 +51,14 @@ Usage: ./deploy.sh [--infrastructure-only | --deploy-only] [--skip-test] [--dry-
        ./deploy.sh execute [--dry-run] [--wait] | pause | resume | rollback TAG
 
 Deploy (no command): sets up or updates everything, in order:
-  1. validate settings                6. alerts: log metrics, email channels, policies
-  2. enable the APIs                  7. build the image, deploy the Cloud Run Job
-  3. service accounts and IAM         8. the hourly Cloud Scheduler trigger
+  1. validate settings                6. build the image, deploy the Cloud Run Job
+  2. enable the APIs                  7. the hourly Cloud Scheduler trigger
+  3. service accounts and IAM         8. alerts: log metrics, email channels, policies
   4. the Cloud Tasks queue(s)         9. smoke test: execute the job with --check,
   5. image repository, build account     then with --dry-run
 
-  --infrastructure-only  steps 1-6 only
-  --deploy-only          steps 1 and 7-9 only (image, job, scheduler, smoke test)
+  --infrastructure-only  steps 1-5 and 8 (no image, job, scheduler or smoke test)
+  --deploy-only          steps 1, 6, 7 and 9 (image, job, scheduler, smoke test)
   --skip-test            leave out step 9
   --dry-run              print every gcloud command; run only read-only ones
 
@@ -113,6 +118,22 @@ call() {
   "$@"
 }
 
+# Runs a read-only listing of the deploy and prints what it prints. Under --dry-run an
+# API not enabled yet (a real run enables it first) gives an empty answer; any other
+# failure prints gcloud's error and returns non-zero.
+query() {
+  show "$@"
+  if "$@" 2>"${QUERY_ERRORS}"; then
+    return 0
+  fi
+  if ((DRY_RUN)) && grep -qE 'SERVICE_DISABLED|has not been used' "${QUERY_ERRORS}"; then
+    log "an API is not enabled yet (a real run enables it first): taken as empty"
+    return 0
+  fi
+  cat "${QUERY_ERRORS}" >&2
+  return 1
+}
+
 # Whether the resource a describe command names exists: 0 yes, 1 NOT_FOUND. Any other
 # failure (a permission, an API still enabling, the network) stops the script with
 # gcloud's own error, instead of leading to a create that fails with ALREADY_EXISTS.
@@ -133,33 +154,40 @@ exists() {
   fail "cannot tell whether it exists: $*"
 }
 
-# Adds an IAM binding. Right after an account is created, bindings naming it fail with
-# "does not exist" until it has propagated, and two writers of one policy meet
-# "concurrent policy changes": both are retried with backoff (1 s, 2 s, 4 s ... at most
-# 30 s apart) for IAM_RETRY_SECONDS in all, then the script stops. Any other error
-# (the target itself is missing, a permission) stops it at once.
-bind() {
+# Runs a command that changes something, like `run`, retrying while its error matches
+# the regex $2, a state Google Cloud leaves by itself: with backoff (1 s, 2 s, 4 s ... at
+# most 30 s apart) for $3 seconds in all; $1 names what is awaited. Any other error
+# stops the script at once, as does the end of the wait.
+retry_while() {
+  local what="$1" pattern="$2" limit="$3" err delay=1 waited=0
+  shift 3
   show "$@"
   if ((DRY_RUN)); then
     return 0
   fi
-  local err delay=1 waited=0
   while ! err="$("$@" 2>&1 >/dev/null)"; do
-    if [[ ! "${err}" =~ does\ not\ exist|concurrent\ policy\ changes|ABORTED ]] ||
-      ((waited + delay > IAM_RETRY_SECONDS)); then
+    if [[ ! "${err}" =~ ${pattern} ]] || ((waited + delay > limit)); then
       printf '%s\n' "${err}" >&2
-      fail "IAM binding failed (after ${waited}s of retries): $*"
+      fail "failed (after ${waited}s of retries): $*"
     fi
-    log "IAM not ready yet (${err%%$'\n'*}); retrying in ${delay}s"
+    log "${what} not ready yet (${err%%$'\n'*}); retrying in ${delay}s"
     sleep "${delay}"
     waited=$((waited + delay))
     delay=$((delay * 2 > 30 ? 30 : delay * 2))
   done
 }
 
+# Adds an IAM binding. Right after an account is created, bindings naming it fail with
+# "does not exist" until it has propagated, and two writers of one policy meet
+# "concurrent policy changes": both are retried for IAM_RETRY_SECONDS. Any other error
+# (the target itself is missing, a permission) stops the script at once.
+bind() {
+  retry_while IAM 'does not exist|concurrent policy changes|ABORTED' "${IAM_RETRY_SECONDS}" "$@"
+}
+
 # --- settings -----------------------------------------------------------------------
 
-# Undoes the escapes python-dotenv decodes: $2 lists the escapable characters.
+# Undoes the escapes python-dotenv decodes, into REPLY: $2 lists the escapable characters.
 unescape() {
   local value="$1" escapable="$2" out="" char i
   for ((i = 0; i < ${#value}; i++)); do
@@ -179,11 +207,12 @@ unescape() {
     fi
     out+="${char}"
   done
-  printf '%s' "${out}"
+  REPLY="${out}"
 }
 
-# Expands ${NAME} and ${NAME:-default} as python-dotenv does: from the environment,
-# which by then holds the file's earlier values too; unset and no default: empty.
+# Expands ${NAME} and ${NAME:-default} as python-dotenv does, into REPLY: from the
+# environment (exported variables only), which by then holds the file's earlier values
+# too; unset and no default: empty.
 interpolate() {
   local value="$1" out="" name
   local match default
@@ -197,22 +226,24 @@ interpolate() {
       default="${name#*:-}"
       name="${name%%:-*}"
     fi
-    if [[ "${name}" =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] && [[ -v "${name}" ]]; then
+    if [[ "${name}" =~ ^[A-Za-z_][A-Za-z0-9_]*$ && "$(declare -p "${name}" 2>/dev/null)" =~ ^declare\ -[a-zA-Z]*x ]]; then
       out+="${!name}"
     else
       out+="${default}"
     fi
   done
-  printf '%s' "${out}${value}"
+  REPLY="${out}${value}"
 }
 
 # Reads a dotenv file by python-dotenv's rules: `export`, `KEY = value`, '...' (escapes
 # \\ and \'), "..." (escapes \\ \' \" \a \b \f \n \r \t \v), # comments after a value
-# and on their own lines, ${VAR} expansion. A variable already in the environment wins,
-# as with load_dotenv(override=False). Refused, naming the line: a key that is not a
-# shell name, and a quoted value that goes on past its line.
+# and on their own lines, ${VAR} expansion; a key given twice takes its last value. A
+# variable already in the environment wins, as with load_dotenv(override=False).
+# Refused, naming the line: a key that is not a shell name, and a quoted value that goes
+# on past its line.
 read_dotenv() {
   local file="$1" line number=0 key equals rest value
+  local -A from_file=()
   local sq_re="^'((\\\\.|[^'\\\\])*)'[[:space:]]*(#.*)?$"
   local dq_re='^"((\\.|[^"\\])*)"[[:space:]]*(#.*)?$'
   local line_re='^[[:space:]]*(export[[:space:]]+)?([^=#[:space:]]+)[[:space:]]*(=[[:space:]]*)?(.*)$'
@@ -231,10 +262,12 @@ read_dotenv() {
       value="" # `KEY= # comment`
     elif [[ "${rest}" == "'"* ]]; then
       [[ "${rest}" =~ ${sq_re} ]] || fail "${file}:${number}: a quoted value must end on its line"
-      value="$(unescape "${BASH_REMATCH[1]}" "\\'")"
+      unescape "${BASH_REMATCH[1]}" "\\'"
+      value="${REPLY}"
     elif [[ "${rest}" == '"'* ]]; then
       [[ "${rest}" =~ ${dq_re} ]] || fail "${file}:${number}: a quoted value must end on its line"
-      value="$(unescape "${BASH_REMATCH[1]}" "\\'\"abfnrtv")"
+      unescape "${BASH_REMATCH[1]}" "\\'\"abfnrtv"
+      value="${REPLY}"
     else
       value="${rest}"
       if [[ "${value}" =~ [[:space:]]+# ]]; then
@@ -242,9 +275,10 @@ read_dotenv() {
       fi
       value="${value%"${value##*[![:space:]]}"}"
     fi
-    value="$(interpolate "${value}")"
-    if [[ ! -v "${key}" ]]; then
-      export "${key}=${value}"
+    interpolate "${value}"
+    if [[ -n "${from_file[${key}]:-}" || ! -v "${key}" ]]; then
+      export "${key}=${REPLY}"
+      from_file[${key}]=1
     fi
   done <"${file}"
 }
@@ -303,8 +337,14 @@ validate_settings() {
     [[ "${!name}" =~ ^[0-9]+$ ]] || problems+=("${name} must be a whole number of seconds")
   done
   # ALERT_EMAIL: addresses separated by commas and/or spaces.
-  IFS=$', \t' read -r -a ALERT_EMAILS <<<"${ALERT_EMAIL}"
-  for email in "${ALERT_EMAILS[@]}"; do
+  local -a emails=()
+  IFS=$', \t' read -r -a emails <<<"${ALERT_EMAIL}"
+  local -A seen=()
+  ALERT_EMAILS=()
+  for email in "${emails[@]}"; do
+    [[ -n "${seen[${email}]:-}" ]] && continue
+    seen[${email}]=1
+    ALERT_EMAILS+=("${email}")
     [[ "${email}" =~ ^[^@[:space:]]+@[^@[:space:]]+\.[^@[:space:]]+$ ]] ||
       problems+=("ALERT_EMAIL: '${email}' is not an email address")
   done
@@ -400,7 +440,8 @@ setup_queues() {
 # their pending tasks still run at their time (README, "Scale out on Cloud Run").
 report_leftover_queues() {
   local names name queue wanted depth
-  names="$(call gcloud tasks queues list --location="${REGION}" --format='value(name)' "${PROJECT_FLAGS[@]}")"
+  names="$(query gcloud tasks queues list --location="${REGION}" --format='value(name)' \
+    "${PROJECT_FLAGS[@]}")" || fail "cannot list the queues of ${REGION}"
   for name in ${names}; do
     name="${name##*/}"
     [[ "${name}" =~ ^${CLOUD_TASKS_QUEUE}(-[0-9]+)?$ ]] || continue
@@ -409,7 +450,7 @@ report_leftover_queues() {
       [[ "${queue}" == "${name}" ]] && wanted=1
     done
     ((wanted)) && continue
-    depth="$(queue_depth "${name}")"
+    depth="$(queue_depth "${name}")" || fail "cannot count the tasks of queue ${name}"
     log "queue ${name} is no longer used by the job; its ${depth} pending task(s) still run" \
       "on time. Delete it once it is empty: gcloud tasks queues delete ${name} --location=${REGION} --project=${GOOGLE_CLOUD_PROJECT}"
   done
@@ -417,11 +458,14 @@ report_leftover_queues() {
 
 # Pending tasks of a queue, counted up to 10,000 ("10000+" beyond).
 queue_depth() {
-  local count
-  count="$(call gcloud tasks list --queue="$1" --location="${REGION}" --limit=10001 \
-    --format='value(name)' "${PROJECT_FLAGS[@]}" | wc -l)"
+  local names count=0 name
+  names="$(query gcloud tasks list --queue="$1" --location="${REGION}" --limit=10001 \
+    --format='value(name)' "${PROJECT_FLAGS[@]}")" || return 1
+  for name in ${names}; do
+    count=$((count + 1))
+  done
   ((count > 10000)) && count="10000+"
-  printf '%s' "${count// /}"
+  printf '%s\n' "${count}"
 }
 
 setup_repository() {
@@ -436,9 +480,13 @@ setup_repository() {
   # which new organisations leave without roles) needs to read the uploaded source,
   # push to this repository and write build logs.
   local account
-  account="$(call gcloud builds get-default-service-account --region="${REGION}" \
-    --format='value(serviceAccountEmail)' "${PROJECT_FLAGS[@]}")"
+  account="$(query gcloud builds get-default-service-account --region="${REGION}" \
+    --format='value(serviceAccountEmail)' "${PROJECT_FLAGS[@]}")" ||
+    fail "cannot ask Cloud Build for its default service account"
   account="${account##*/}"
+  if [[ -z "${account}" ]] && ((DRY_RUN)); then
+    account="CLOUD_BUILD_DEFAULT_ACCOUNT" # the API is not enabled yet
+  fi
   [[ -n "${account}" ]] || fail "Cloud Build reports no default service account in ${REGION}"
   log "Cloud Build runs as ${account}"
   bind gcloud artifacts repositories add-iam-policy-binding "${ARTIFACT_REPOSITORY}" \
@@ -478,14 +526,18 @@ ensure_log_metric() {
 alert_channels() {
   local email name names=()
   for email in "${ALERT_EMAILS[@]}"; do
-    name="$(call gcloud beta monitoring channels list \
+    name="$(query gcloud beta monitoring channels list \
       --filter="type=\"email\" AND labels.email_address=\"${email}\"" --limit=1 \
-      --format='value(name)' "${PROJECT_FLAGS[@]}")"
+      --format='value(name)' "${PROJECT_FLAGS[@]}")" || fail "cannot list the channels for ${email}"
     if [[ -z "${name}" ]]; then
       name="$(run gcloud beta monitoring channels create --type=email \
         --display-name="anpi-call-scheduler: ${email}" --channel-labels="email_address=${email}" \
-        --format='value(name)' "${PROJECT_FLAGS[@]}")"
-      name="${name:-projects/${GOOGLE_CLOUD_PROJECT}/notificationChannels/NEW}" # --dry-run
+        --format='value(name)' "${PROJECT_FLAGS[@]}")" || fail "cannot create the channel for ${email}"
+      if ((DRY_RUN)); then
+        name="projects/${GOOGLE_CLOUD_PROJECT}/notificationChannels/NEW"
+      fi
+      [[ "${name}" == projects/*/notificationChannels/* ]] ||
+        fail "channels create for ${email} printed no channel name: '${name}'"
     fi
     names+=("$(json_string "${name}")")
   done
@@ -493,17 +545,39 @@ alert_channels() {
   printf '[%s]' "${names[*]}"
 }
 
-# Creates the policy in file $2 or, found by its display name $1, updates it.
+# Creates the policy in file $2 or, found by its display name $1, updates it when its
+# definition changed (the label anpi_spec holds a checksum of it). An unchanged policy is
+# left alone: an update restarts an absence condition, which then needs fresh data
+# before it can fire. A policy on a log-based metric created seconds ago is refused
+# until Cloud Monitoring knows the metric: retried for METRIC_READY_SECONDS.
 ensure_policy() {
-  local display="$1" file="$2" name
-  name="$(call gcloud alpha monitoring policies list \
-    --filter="displayName=\"${display}\"" --limit=1 --format='value(name)' "${PROJECT_FLAGS[@]}")"
-  if [[ -n "${name}" ]]; then
-    run gcloud alpha monitoring policies update "${name}" --policy-from-file="${file}" \
+  local display="$1" file="$2" spec text listing name="" spec_now="" each_name each_display each_spec
+  spec="$(cksum <"${file}")"
+  spec="${spec%% *}"
+  text="$(<"${file}")"
+  printf '%s\n' "${text//__SPEC__/${spec}}" >"${file}"
+  listing="$(query gcloud alpha monitoring policies list \
+    --format='value(name,displayName,userLabels.anpi_spec)' "${PROJECT_FLAGS[@]}")" ||
+    fail "cannot list the alert policies"
+  while IFS=$'\t' read -r each_name each_display each_spec; do
+    if [[ "${each_display}" == "${display}" ]]; then
+      name="${each_name}" spec_now="${each_spec}"
+      break
+    fi
+  done <<<"${listing}"
+  if [[ -z "${name}" ]]; then
+    once_metric_is_known gcloud alpha monitoring policies create --policy-from-file="${file}" \
       "${PROJECT_FLAGS[@]}"
+  elif [[ "${spec_now}" == "${spec}" ]]; then
+    log "alert policy '${display}' is up to date"
   else
-    run gcloud alpha monitoring policies create --policy-from-file="${file}" "${PROJECT_FLAGS[@]}" >/dev/null
+    once_metric_is_known gcloud alpha monitoring policies update "${name}" \
+      --policy-from-file="${file}" "${PROJECT_FLAGS[@]}"
   fi
+}
+
+once_metric_is_known() {
+  retry_while "the new log-based metric" 'Cannot find metric' "${METRIC_READY_SECONDS}" "$@"
 }
 
 # One alert policy as JSON: display name, condition (JSON), documentation (markdown).
@@ -514,14 +588,17 @@ policy_json() {
   "combiner": "OR",
   "conditions": [$2],
   "documentation": {"content": $(json_string "$3"), "mimeType": "text/markdown"},
-  "alertStrategy": {"autoClose": "86400s"},
+  "alertStrategy": {"autoClose": "1800s"},
   "notificationChannels": ${CHANNELS},
+  "userLabels": {"anpi_spec": "__SPEC__"},
   "enabled": true
 }
 EOF
 }
 
 # A condition on a metric's sum over 5 minutes: above 0 (threshold) or absent for $3.
+# No data (the usual state of these sparse counts) closes a threshold's incident, so
+# the next failure opens a new one and notifies again.
 condition_json() {
   local display="$1" filter="$2" absent_for="${3:-}"
   local aggregation='"aggregations": [{"alignmentPeriod": "300s", "perSeriesAligner": "ALIGN_SUM", "crossSeriesReducer": "REDUCE_SUM"}]'
@@ -529,7 +606,7 @@ condition_json() {
     printf '{"displayName": %s, "conditionAbsent": {"filter": %s, %s, "duration": "%s", "trigger": {"count": 1}}}' \
       "$(json_string "${display}")" "$(json_string "${filter}")" "${aggregation}" "${absent_for}"
   else
-    printf '{"displayName": %s, "conditionThreshold": {"filter": %s, %s, "comparison": "COMPARISON_GT", "thresholdValue": 0, "duration": "0s", "trigger": {"count": 1}}}' \
+    printf '{"displayName": %s, "conditionThreshold": {"filter": %s, %s, "comparison": "COMPARISON_GT", "thresholdValue": 0, "duration": "0s", "trigger": {"count": 1}, "evaluationMissingData": "EVALUATION_MISSING_DATA_INACTIVE"}}' \
       "$(json_string "${display}")" "$(json_string "${filter}")" "${aggregation}"
   fi
 }
@@ -545,7 +622,7 @@ setup_alerts() {
   ensure_log_metric "${JOB_NAME}-calls-not-placed" \
     "Runs of ${JOB_NAME} that left calls off the queue (tasks_failed or tasks_not_attempted)" \
     "${job} AND (jsonPayload.tasks_failed>0 OR jsonPayload.tasks_not_attempted>0)"
-  CHANNELS="$(alert_channels)"
+  CHANNELS="$(alert_channels)" || exit 1
   if [[ -z "${ALERT_EMAIL}" ]]; then
     log "ALERT_EMAIL is not set: the alert policies exist but notify nobody." \
       "Set ALERT_EMAIL and re-run ./deploy.sh --infrastructure-only"
@@ -590,8 +667,12 @@ secret_version() {
     return
   fi
   local version
-  version="$(call gcloud secrets versions list "${DB_PASSWORD_SECRET}" --filter=state:enabled \
-    --sort-by=~createTime --limit=1 --format='value(name)' "${PROJECT_FLAGS[@]}")"
+  version="$(query gcloud secrets versions list "${DB_PASSWORD_SECRET}" --filter=state:enabled \
+    --sort-by=~createTime --limit=1 --format='value(name)' "${PROJECT_FLAGS[@]}")" ||
+    fail "cannot list the versions of secret ${DB_PASSWORD_SECRET}"
+  if [[ -z "${version}" ]] && ((DRY_RUN)); then
+    version="NEWEST_ENABLED" # the API is not enabled yet
+  fi
   [[ -n "${version}" ]] || fail "secret ${DB_PASSWORD_SECRET} has no enabled version (DB_PASSWORD_SECRET)"
   printf '%s' "${version##*/}"
 }
@@ -734,11 +815,15 @@ deploy() {
     setup_service_accounts
     setup_queues
     setup_repository
-    setup_alerts
   fi
   if ((DO_DEPLOY)); then
     deploy_job
     setup_scheduler
+  fi
+  # After the job and its trigger, so that calls are placed even while a new project's
+  # log-based metrics are still unknown to the policies.
+  if ((DO_INFRA)); then
+    setup_alerts
   fi
   if ((DO_TEST)); then
     smoke_test
@@ -772,7 +857,7 @@ status() {
     section "queue ${queue}: rate" call gcloud tasks queues describe "${queue}" \
       --location="${REGION}" "${PROJECT_FLAGS[@]}" \
       --format='table(state,rateLimits.maxDispatchesPerSecond,rateLimits.maxConcurrentDispatches,retryConfig.maxAttempts)'
-    section "queue ${queue}: depth" printf 'pending tasks: %s\n' "$(queue_depth "${queue}")"
+    section "queue ${queue}: pending tasks" queue_depth "${queue}"
   done
   section "alert policies" call gcloud alpha monitoring policies list \
     --filter="displayName:\"${JOB_NAME}: \"" "${PROJECT_FLAGS[@]}" \
@@ -795,10 +880,13 @@ logs() {
   severity="${severity^^}"
   [[ " ${SEVERITIES[*]} " == *" ${severity} "* ]] ||
     fail "logs --severity ${severity}: want one of ${SEVERITIES[*]}"
-  call gcloud logging read \
+  local entries
+  entries="$(call gcloud logging read \
     "resource.type=\"cloud_run_job\" AND resource.labels.job_name=\"${JOB_NAME}\" AND severity>=${severity}" \
-    --freshness="${since}" --order=asc --limit=1000 "${PROJECT_FLAGS[@]}" \
-    --format='value(timestamp,severity,jsonPayload.message,jsonPayload)'
+    --freshness="${since}" --order=desc --limit=1000 "${PROJECT_FLAGS[@]}" \
+    --format='value(timestamp,severity,jsonPayload.message,textPayload,jsonPayload)')"
+  # The newest 1,000 entries, shown oldest first.
+  [[ -z "${entries}" ]] || printf '%s\n' "${entries}" | awk '{ line[NR] = $0 } END { for (i = NR; i > 0; i--) print line[i] }'
 }
 
 execute() {
@@ -825,7 +913,8 @@ rollback() {
     fail "usage: ./deploy.sh rollback TAG (the tags: gcloud artifacts docker tags list ${IMAGE_REPO} --project=${GOOGLE_CLOUD_PROJECT})"
   local current
   current="$(call gcloud run jobs describe "${JOB_NAME}" --region="${REGION}" "${PROJECT_FLAGS[@]}" \
-    --format='value(spec.template.spec.template.spec.containers[0].image)')"
+    --format='value(spec.template.spec.template.spec.containers[0].image)')" ||
+    fail "cannot read the job's image"
   log "the job runs ${current}; to undo this rollback: ./deploy.sh rollback ${current##*:}"
   call gcloud artifacts docker images describe "${IMAGE_REPO}:${tag}" "${PROJECT_FLAGS[@]}" \
     --format='value(image_summary.fully_qualified_digest)' ||
@@ -836,6 +925,8 @@ rollback() {
 
 main() {
   command -v gcloud >/dev/null || fail "gcloud not found: install the Google Cloud CLI"
+  QUERY_ERRORS="$(mktemp "${TMPDIR:-/tmp}/anpi-gcloud.XXXXXX")" # gcloud's errors, for query
+  TEMP_PATHS+=("${QUERY_ERRORS}")
   local command="${1:-deploy}"
   case "${command}" in
     status | logs | execute | pause | resume | rollback)

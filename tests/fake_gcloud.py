@@ -11,8 +11,10 @@ plus "file": the contents of a file passed to `run jobs replace` or `--policy-fr
 Resource state lives in $FAKE_GCLOUD_STATE (JSON): describe fails with NOT_FOUND until
 the resource is created, create of an existing one fails with ALREADY_EXISTS, as gcloud
 does. Faults, set by a test in the state's "faults": "deny" (command prefixes answered
-PERMISSION_DENIED), "iam_not_yet" (that many IAM bindings fail with "does not exist"
-first), "execute_fail" (that many executions fail first; -1: all).
+PERMISSION_DENIED), "disabled" (command prefixes answered SERVICE_DISABLED, an API not
+enabled yet), "iam_not_yet" (that many IAM bindings fail with "does not exist" first),
+"metric_not_ready" (that many policy writes fail with "Cannot find metric(s)" first),
+"execute_fail" (that many executions fail first; -1: all).
 """
 
 from __future__ import annotations
@@ -142,6 +144,10 @@ def main(argv: list[str]) -> int:
         if command.startswith(prefix):
             return done(1, err=f"ERROR: (gcloud.{'.'.join(prefix.split())}) PERMISSION_DENIED:"
                                " Permission denied on resource (or it may not exist).")  # fmt: skip
+    for prefix in faults.get("disabled", []):
+        if command.startswith(prefix):
+            return done(1, err="ERROR: (gcloud) PERMISSION_DENIED: API has not been used in project"
+                               " 123 before or it is disabled. [reason: SERVICE_DISABLED]")  # fmt: skip
     if "add-iam-policy-binding" in words and faults.get("iam_not_yet", 0) > 0:
         faults["iam_not_yet"] -= 1
         member = flag(argv, "member")
@@ -259,15 +265,24 @@ def policies(verb: str, argv: list[str], state: dict[str, Any], record: dict[str
     policies: dict[str, dict[str, Any]] = state.setdefault("policies", {})  # name -> policy
     if verb == "list":
         wanted = quoted(flag(argv, "filter"), "displayName")
-        names = [
-            name for name, policy in policies.items()
+        found = [
+            (name, policy) for name, policy in policies.items()
             if wanted is None or (policy["displayName"] == wanted[1] if wanted[0] == "="
                                   else wanted[1] in policy["displayName"])
         ]  # fmt: skip
-        return done(0, out="\n".join(names))
+        if flag(argv, "format") == "value(name,displayName,userLabels.anpi_spec)":
+            lines = [f"{n}\t{p['displayName']}\t{p.get('userLabels', {}).get('anpi_spec', '')}"
+                     for n, p in found]  # fmt: skip
+            return done(0, out="\n".join(lines))
+        return done(0, out="\n".join(n for n, _ in found))
     source = flag(argv, "policy-from-file")
     record["file"] = Path(source).read_text() if source else ""
     policy = json.loads(record["file"])
+    faults = state["faults"]
+    if faults.get("metric_not_ready", 0) > 0:
+        faults["metric_not_ready"] -= 1
+        return done(1, err=f"ERROR: (gcloud.alpha.monitoring.policies.{verb}) NOT_FOUND: Cannot find"
+                           " metric(s) that match type = \"logging.googleapis.com/user/x\".")  # fmt: skip
     if verb == "create":
         name = f"projects/{flag(argv, 'project')}/alertPolicies/{len(policies) + 1}"
         policies[name] = policy

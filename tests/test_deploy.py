@@ -218,12 +218,12 @@ def test_first_full_run(deploy: Deploy) -> None:
     assert "--args=--check" in check and "--wait" in check
     assert "--args=--dry-run" in dry and "--wait" in dry
 
-    # Order: APIs, accounts, queue, repository, alerts, image, job, scheduler, smoke test.
+    # Order: APIs, accounts, queue, repository, image, job, scheduler, alerts, smoke test.
     order = [c["argv"] for c in deploy.calls() if not READ_ONLY & set(c["argv"])]
     firsts = [order.index(next(o for o in order if o[: len(key)] == key)) for key in (
         ["services", "enable"], ["iam", "service-accounts"], ["tasks", "queues"],
-        ["artifacts", "repositories"], ["logging", "metrics"], ["alpha", "monitoring"],
-        ["builds", "submit"], ["run", "jobs"], ["scheduler", "jobs"])]  # fmt: skip
+        ["artifacts", "repositories"], ["builds", "submit"], ["run", "jobs"],
+        ["scheduler", "jobs"], ["logging", "metrics"], ["alpha", "monitoring"])]  # fmt: skip
     assert firsts == sorted(firsts)
     assert order[-1][:3] == ["run", "jobs", "execute"]
     # Every command is printed before it runs.
@@ -289,7 +289,8 @@ def test_second_full_run_updates_without_a_rejected_create(deploy: Deploy) -> No
     assert deploy.find("tasks", "queues", "update")
     assert deploy.find("scheduler", "jobs", "update", "http")
     assert len(deploy.find("logging", "metrics", "update")) == 2
-    assert len(deploy.find("alpha", "monitoring", "policies", "update")) == 4
+    # Unchanged policies are left alone (an update would restart the absence condition).
+    assert not deploy.find("policies", "update") and second.stderr.count("is up to date") == 4
 
 
 def test_dry_run_changes_nothing(deploy: Deploy) -> None:
@@ -346,7 +347,7 @@ def test_iam_retries_are_bounded(deploy: Deploy) -> None:
     deploy.set_state(faults={"iam_not_yet": 100})
     result = deploy.run("--infrastructure-only", IAM_RETRY_SECONDS="3")
     assert result.returncode == 1
-    assert "does not exist" in result.stderr and "IAM binding failed (after 3s of retries)" in result.stderr
+    assert "does not exist" in result.stderr and "failed (after 3s of retries): gcloud projects add-iam-policy-binding" in result.stderr
     assert len([c for c in deploy.calls() if "add-iam-policy-binding" in c["argv"]]) == 3  # 1+2 s
 
 
@@ -440,24 +441,31 @@ def test_deploy_env_is_read_as_python_dotenv_reads_it(tmp_path: Path) -> None:
     assert dotenv_as_deploy_reads_it(tmp_path, TRICKY_DOTENV, names) == dict(expected)
 
 
-@settings(max_examples=40, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["plain", "single", "double", "export"]),
-                          # ASCII and Japanese: Unicode spaces such as U+00A0 are
-                          # whitespace to Python, not to bash, and no setting holds one.
-                          st.text(st.characters(min_codepoint=32, max_codepoint=126)
-                                  | st.sampled_from("安否確認コール"), max_size=12)),
+# ASCII and Japanese: Unicode spaces such as U+00A0 are whitespace to Python, not to
+# bash, and no setting holds one. Plus the pieces the rules are about.
+DOTENV_VALUES = st.lists(
+    st.text(st.characters(min_codepoint=32, max_codepoint=126) | st.sampled_from("安否確認"), max_size=6)
+    | st.sampled_from(["${V0}", "${V1:-d}", "${NONE}", "${X:-}", "\\n", "\\t", "\\\\", " #c", "#", "'", '"', " "]),
+    max_size=4,
+).map("".join)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["V0", "V1", "V2", "V3"]),  # names repeat
+                          st.sampled_from(["plain", "single", "double", "escapes", "export"]),
+                          DOTENV_VALUES),
                 min_size=1, max_size=8))  # fmt: skip
 def test_deploy_env_matches_python_dotenv_on_any_value(
-    tmp_path_factory: pytest.TempPathFactory, lines: list[tuple[str, str]]
+    tmp_path_factory: pytest.TempPathFactory, lines: list[tuple[str, str, str]]
 ) -> None:
-    text, names = "", []
-    for i, (style, value) in enumerate(lines):
-        name = f"V{i}"
-        names.append(name)
+    text, names = "", ["V0", "V1", "V2", "V3"]
+    for name, style, value in lines:
         if style == "single":
             text += f"{name}='{value.replace(chr(92), chr(92) * 2).replace(chr(39), chr(92) + chr(39))}'\n"
         elif style == "double":
             text += f'{name}="{value.replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"\n'
+        elif style == "escapes":  # backslashes left as they are: \n, \t ... are decoded
+            text += f'{name}="{value}"\n'
         else:
             text += f"{'export ' if style == 'export' else ''}{name}={value}\n"
     got = dotenv_as_deploy_reads_it(tmp_path_factory.mktemp("env"), text, names)
@@ -524,18 +532,55 @@ def test_alerts_are_created_once_and_updated_on_a_rerun(deploy: Deploy) -> None:
     metrics = {m[3]: m for m in deploy.find("logging", "metrics", "create")}
     assert set(metrics) == {f"{JOB}-invalid-rows", f"{JOB}-calls-not-placed"}
 
-    # Rerun, now with two addresses: two channels, the same four policies, updated.
-    second = deploy.run("--infrastructure-only", ALERT_EMAIL="ops@example.com, oncall@example.com")
+    # Rerun, now with two addresses (one repeated): two channels, the same four
+    # policies, updated because their definition changed.
+    second = deploy.run("--infrastructure-only", ALERT_EMAIL="ops@example.com, oncall@example.com ops@example.com")
     assert second.returncode == 0, second.stderr
     assert len(deploy.find("beta", "monitoring", "channels", "create")) == 2
     assert not deploy.find("policies", "create") and not deploy.find("metrics", "create")
+    assert len(deploy.find("policies", "update")) == 4
     state = deploy.read_state()
     assert len(state["policies"]) == 4
     channels = sorted(state["channels"].values())
     assert all(sorted(p["notificationChannels"]) == channels for p in state["policies"].values())
-    # A third run reuses the channels.
+    # A third run reuses the channels and leaves the policies as they are.
     assert deploy.run("--infrastructure-only", ALERT_EMAIL="ops@example.com,oncall@example.com").returncode == 0
     assert not deploy.find("channels", "create") and len(deploy.read_state()["channels"]) == 2
+    assert not deploy.find("policies", "update")
+
+
+def test_a_policy_waits_for_its_new_log_metric(deploy: Deploy) -> None:
+    deploy.set_state(faults={"metric_not_ready": 2})
+    result = deploy.run("--infrastructure-only")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("the new log-based metric not ready yet") == 2
+    assert len(deploy.read_state()["policies"]) == 4
+
+
+@pytest.mark.parametrize("listing", ["beta monitoring channels list", "alpha monitoring policies list",
+                                     "tasks queues list", "tasks list"])  # fmt: skip
+def test_a_failed_listing_stops_the_script(deploy: Deploy, listing: str) -> None:
+    """A listing that fails inside $(...) must not read as "none": no second channel,
+    no "0 pending tasks, delete it"."""
+    assert deploy.run("--skip-test", TASK_COUNT="3", ALERT_EMAIL="ops@example.com").returncode == 0
+    deploy.set_state(faults={"deny": [listing]})
+    result = deploy.run("--skip-test", TASK_COUNT="2", ALERT_EMAIL="ops@example.com")  # queue-2 left over
+    assert result.returncode == 1 and "PERMISSION_DENIED" in result.stderr
+    assert not deploy.find("create")
+    if listing.startswith("tasks"):
+        assert "no longer used" not in result.stderr  # never "0 pending tasks, delete it"
+    assert len(deploy.read_state()["channels"]) == 1 and len(deploy.read_state()["policies"]) == 4
+
+
+def test_a_dry_run_on_a_project_whose_apis_are_not_enabled(deploy: Deploy) -> None:
+    deploy.set_state(faults={"disabled": ["iam", "tasks", "artifacts", "builds", "logging", "beta",
+                                          "alpha", "secrets", "scheduler", "run", "projects"]})  # fmt: skip
+    result = deploy.run("--dry-run", ALERT_EMAIL="ops@example.com")
+    assert result.returncode == 0, result.stderr
+    assert deploy.mutating() == []
+    for words in ("gcloud tasks queues create", "gcloud alpha monitoring policies create",
+                  "gcloud run jobs replace", "gcloud scheduler jobs create http"):  # fmt: skip
+        assert f"+ {words}" in result.stderr
 
 
 def test_the_log_metrics_match_the_job_s_own_log_lines(deploy: Deploy) -> None:
@@ -543,7 +588,6 @@ def test_the_log_metrics_match_the_job_s_own_log_lines(deploy: Deploy) -> None:
     message) and the summary's counters."""
     assert deploy.run("--infrastructure-only").returncode == 0
     filters = {m[3]: next(a for a in m if a.startswith("--log-filter=")) for m in deploy.find("metrics", "create")}
-    record = logging.LogRecord("anpi", logging.ERROR, "", 0, "", None, None)
     row = main.UserRow(id=7, phone_number="+819012345678", call_weekdays="x", call_time=None,
                        timezone=None, pause_from=None, pause_until=None)  # fmt: skip
     lines: list[logging.LogRecord] = []
@@ -555,7 +599,7 @@ def test_the_log_metrics_match_the_job_s_own_log_lines(deploy: Deploy) -> None:
     finally:
         main.log.removeHandler(handler)
     entry = json.loads(main.JsonFormatter().format(lines[0]))
-    assert entry["severity"] == "ERROR" and record is not None
+    assert entry["severity"] == "ERROR"
     invalid = filters[f"{JOB}-invalid-rows"]
     assert "severity=ERROR" in invalid and f'jsonPayload.message:"{entry["message"][:19]}"' in invalid
     not_placed = filters[f"{JOB}-calls-not-placed"]
@@ -581,7 +625,7 @@ def test_day_two_commands(deploy: Deploy) -> None:
                     ["alpha", "monitoring", "policies", "list"]):  # fmt: skip
         assert command in issued, command
     assert "--limit=5" in deploy.find("executions", "list")[0]
-    assert "pending tasks: 3" in status.stdout
+    assert "== queue anpi-call-queue: pending tasks\n3\n" in status.stdout
     assert status.stderr.count("+ gcloud ") == len(deploy.calls())
     assert deploy.mutating() == []
 
