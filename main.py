@@ -505,6 +505,40 @@ def read_rows(conn: Any, config: Config, window: Window) -> Generator[UserRow, N
         raise DatabaseError(f"lost the database while reading users: {exc}") from exc
 
 
+def read_schedules(conn: Any, config: Config) -> Iterator[tuple[UserRow, int]]:
+    """Every active row of this shard, grouped by what schedules it, call times cut to
+    the minute: (a row standing for the group, its number of rows). For the peak
+    minute of a dry run, which reads only its window's rows otherwise.
+
+    Cutting the seconds moves no call out of its minute: every zone's UTC offset (and
+    DST gap) is a whole number of minutes. Out-of-day times are left out (invalid).
+    """
+    sql = (
+        "SELECT timezone, call_weekdays, SEC_TO_TIME(TIME_TO_SEC(call_time) DIV 60 * 60) AS t,"
+        " pause_from, pause_until, COUNT(*) FROM users WHERE is_active = 1"
+        " AND call_time >= CAST('00:00:00' AS TIME) AND call_time < CAST('24:00:00' AS TIME)"
+    )
+    args: list[Any] = []
+    if config.task_count > 1:
+        sql += " AND MOD(MOD(id, %s) + %s, %s) = %s"
+        args += [config.task_count] * 3 + [config.task_index]
+    sql += " GROUP BY timezone, call_weekdays, t, pause_from, pause_until"
+    cur = conn.cursor()
+    finished = False
+    try:
+        cur.execute(sql, args)
+        for zone, weekdays, at, pause_from, pause_until, count in cur:
+            yield UserRow(0, None, weekdays, at, zone, pause_from, pause_until), count
+        finished = True
+    except pymysql.err.MySQLError as exc:
+        raise DatabaseError(f"lost the database while counting the peak minute: {exc}") from exc
+    finally:
+        if finished:
+            cur.close()
+        else:
+            _abandon(cur)
+
+
 def _abandon(cursor: Any) -> None:
     """Drop an unbuffered result part-way without reading the rest.
 
@@ -572,6 +606,11 @@ class Window:
     def around(cls, now: dt.datetime, grace: dt.timedelta, lookahead: dt.timedelta) -> Window:
         now = now.astimezone(UTC)
         return cls(now - grace, now + lookahead)
+
+    @classmethod
+    def next_day(cls, now: dt.datetime) -> Window:
+        """The 24 hours from `now`: where the peak minute is looked for."""
+        return cls.around(now, dt.timedelta(), dt.timedelta(days=1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -854,11 +893,12 @@ def parse_zone(value: object, default: zoneinfo.ZoneInfo) -> zoneinfo.ZoneInfo:
 
 
 def parse_row(
-    row: UserRow, default_zone: zoneinfo.ZoneInfo, region: str = "JP"
+    row: UserRow, default_zone: zoneinfo.ZoneInfo, region: str | None = "JP"
 ) -> CallSetting | None:
     """Validate one row. None when it asks for no calls; InvalidRow when it is wrong.
 
-    `region` is the country of national phone numbers (DEFAULT_COUNTRY_CODE's region).
+    `region` is the country of national phone numbers (DEFAULT_COUNTRY_CODE's region);
+    None leaves the phone number out (the peak count's groups of rows have none).
     """
     if not isinstance(row.id, int) or isinstance(row.id, bool):
         raise InvalidRow(f"id has type {type(row.id).__name__}")
@@ -870,7 +910,7 @@ def parse_row(
         column = "timezone"
         zone = parse_zone(row.timezone, default_zone)
         column = "phone_number"
-        phone = normalize_phone(row.phone_number, region)
+        phone = "" if region is None else normalize_phone(row.phone_number, region)
         column = "pause_from"
         pause_from = parse_date(row.pause_from, column)
         column = "pause_until"
@@ -1090,6 +1130,51 @@ def plan_calls(
         Call(setting.user_id, setting.phone_number, t, setting.zone)
         for t in occurrences(setting, window, paused)
     ]
+
+
+def count_minutes(
+    setting: CallSetting, window: Window, counts: dict[dt.datetime, int], weight: int = 1
+) -> None:
+    """Add `weight` calls to the minute (UTC) of each call `setting` makes in `window`."""
+    for instant in occurrences(setting, window):
+        minute = instant.replace(second=0)
+        counts[minute] = counts.get(minute, 0) + weight
+
+
+def peak_minute(counts: Mapping[dt.datetime, int], config: Config) -> dict[str, Any] | None:
+    """The busiest minute of `counts` (the earliest of equals): its start in
+    DEFAULT_TIMEZONE, its calls, and the seconds its queue needs to dispatch them at
+    QUEUE_MAX_DISPATCHES_PER_SECOND. Shards sharing one queue (QUEUE_PER_SHARD=0) each
+    hold about 1/TASK_COUNT of its calls, so their minute counts TASK_COUNT times.
+    None without calls."""
+    if not counts:
+        return None
+    minute = min(counts, key=lambda m: (-counts[m], m))
+    sharing = 1 if config.queue_per_shard else config.task_count
+    seconds = counts[minute] * sharing / config.queue_max_dispatches_per_second
+    return {
+        "at": minute.astimezone(config.default_timezone).isoformat(),
+        "calls": counts[minute],
+        "dispatch_seconds": round(seconds, 1),
+    }
+
+
+def warn_peak(peak: dict[str, Any] | None, config: Config) -> None:
+    """A WARNING naming the fix when the busiest minute takes over PEAK_WARN_MINUTES."""
+    if peak is None or peak["dispatch_seconds"] <= config.peak_warn_minutes * 60:
+        return
+    log.warning(
+        "the busiest minute, %s, has %d calls: the queue needs %.0fs to dispatch them at"
+        " %g/s, so its last call is that late (PEAK_WARN_MINUTES=%g). Raise"
+        " QUEUE_MAX_DISPATCHES_PER_SECOND together with Twilio's calls per second, or add"
+        " shards (TASK_COUNT, with QUEUE_PER_SHARD=1)",
+        peak["at"],
+        peak["calls"],
+        peak["dispatch_seconds"],
+        config.queue_max_dispatches_per_second,
+        config.peak_warn_minutes,
+        extra={"peak_minute": peak},
+    )
 
 
 def local_time_ranges(zone: zoneinfo.ZoneInfo, window: Window) -> list[tuple[int, int]] | None:
@@ -1665,6 +1750,7 @@ class RunSummary:
     window_end: str = ""
     error: str | None = None
     interrupted: bool = False
+    peak_minute: dict[str, Any] | None = None  # dry runs: the next 24 hours' busiest minute
 
     @property
     def exit_code(self) -> int:
@@ -2189,6 +2275,11 @@ def run(
         else:
             enqueue(sinks, batches, record, config, summary, stop, clock)
         rows.close()
+        if dry_run and summary.error is None and not stop.is_set():
+            try:
+                summary.peak_minute = count_peak(read_schedules(reader, config), config, now)
+            except DatabaseError as exc:
+                summary.fail(str(exc))
 
         # Only a complete plan can say what is stale: not after an error or a stop.
         if pending is not None and summary.error is None and not stop.is_set():
@@ -2241,6 +2332,7 @@ class CheckSummary:
     problems: list[str] = dataclasses.field(default_factory=list)
     shard: str = "0/1"
     error: str | None = None
+    peak_minute: dict[str, Any] | None = None  # the next 24 hours' busiest minute
 
     @property
     def exit_code(self) -> int:
@@ -2255,12 +2347,38 @@ def reason_kind(reason: str) -> str:
     return re.sub(r"'[^']*'|\*\*\*\S*|-?[0-9][0-9:.-]*", "…", reason)
 
 
-def check(config: Config, out: Callable[[str], None]) -> CheckSummary:
-    """Validate the schema, the grants and every active row of this shard, streamed.
+def count_peak(
+    groups: Iterable[tuple[UserRow, int]], config: Config, now: dt.datetime
+) -> dict[str, Any] | None:
+    """The peak minute of the next 24 hours from `now` over rows with their weights,
+    planned as the job plans them; warned about when it is too long (`warn_peak`).
+    Invalid rows are left out."""
+    window = Window.next_day(now)
+    counts: dict[dt.datetime, int] = {}
+    for row, weight in groups:
+        try:
+            setting = parse_row(row, config.default_timezone, None)
+        except InvalidRow:
+            continue
+        if setting is not None:
+            count_minutes(setting, window, counts, weight)
+    peak = peak_minute(counts, config)
+    warn_peak(peak, config)
+    return peak
+
+
+def check(
+    config: Config, out: Callable[[str], None], now: dt.datetime | None = None
+) -> CheckSummary:
+    """Validate the schema, the grants and every active row of this shard, streamed,
+    and find the peak minute of the next 24 hours from `now` among the valid ones.
 
     Writes nothing and contacts no Cloud Tasks endpoint. Prints one JSON line per
     invalid row. Raises SetupError for a missing table, column or grant.
     """
+    now = now or dt.datetime.now(UTC)
+    window = Window.next_day(now)
+    per_minute: dict[dt.datetime, int] = {}
     summary = CheckSummary(shard=f"{config.task_index}/{config.task_count}")
     with contextlib.ExitStack() as stack:
         try:
@@ -2289,7 +2407,9 @@ def check(config: Config, out: Callable[[str], None]) -> CheckSummary:
                 row = UserRow(*values)
                 summary.users_checked += 1
                 try:
-                    parse_row(row, config.default_timezone, config.phone_region)
+                    setting = parse_row(row, config.default_timezone, config.phone_region)
+                    if setting is not None:
+                        count_minutes(setting, window, per_minute)
                 except InvalidRow as reason:
                     summary.rows_invalid += 1
                     for counts, key in (
@@ -2308,6 +2428,9 @@ def check(config: Config, out: Callable[[str], None]) -> CheckSummary:
             summary.error = str(exc)
         except pymysql.err.MySQLError as exc:
             summary.error = f"lost the database while checking users: {exc}"
+    if summary.error is None:
+        summary.peak_minute = peak_minute(per_minute, config)
+        warn_peak(summary.peak_minute, config)
     for problem in summary.problems:
         log.error("%s", problem)
     if summary.error:
@@ -2413,7 +2536,7 @@ def main(
     summary: RunSummary | CheckSummary
     try:
         if args.check:
-            summary = check(config, out)
+            summary = check(config, out, now)
         else:
             summary = run(
                 config,
