@@ -1,32 +1,42 @@
-"""Benchmark of the job: enqueue throughput and dry-run cost as the table grows.
+"""Benchmark of the job: enqueue throughput, dry-run cost as the table grows, and
+real hourly runs over 1,000,000 users, on one queue and on four shards' own queues.
 
 Seeds throwaway databases on the real MariaDB (TEST_DB_* or 127.0.0.1:3306 as root),
 runs `main.py` as a subprocess against the in-tests Cloud Tasks server with 20 ms of
-added latency per RPC, and prints one Markdown table measured in this one run. Every
+added latency per RPC, and prints Markdown tables measured in this one run. Every
 real run records its calls in scheduled_calls, so the enqueue rows include that cost.
+Each 1,000,000-user real run is checked against the plan: every wanted call on the
+server (pending, or run) exactly once, and nothing else in the window.
 
 Run: make bench   (or .venv/bin/python bench.py)
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
+import datetime as dt
 import json
 import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import pymysql
 
+import main as job
 from tests.conftest import DB_SETTINGS, SCHEMA, job_env
 from tests.fake_cloud_tasks import FakeCloudTasks
 from tests.localdb import schema_statements
 
 ROOT = Path(__file__).resolve().parent
 NOW = "2026-11-30T09:00:00+09:00"  # Monday 09:00 JST: window 08:45-11:00
+NEXT = "2026-11-30T10:00:00+09:00"  # the next hourly run: 09:45-12:00
 EMPTY_NOW = "2026-11-30T21:00:00+09:00"  # 20:45-23:00: no call of the "empty" table
 LATENCY = 0.020
 
@@ -35,29 +45,65 @@ LATENCY = 0.020
 class Measured:
     wall: float
     peak_rss_mb: float
-    summary: dict[str, int]
+    summary: dict[str, Any]
+    record_seconds: float = 0.0  # time in scheduled_calls statements (the job's log)
+    listed: list[str] = dataclasses.field(default_factory=list)  # queues it listed (its log)
+    plan: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
-def run_job(args: list[str], env: dict[str, str]) -> Measured:
+def run_job(args: list[str], env: dict[str, str], keep_plan: bool = False) -> Measured:
     """Run the job once; wall time and the child's own peak RSS (wait4)."""
+    return run_jobs([(args, env)], keep_plan)[0]
+
+
+def run_jobs(
+    jobs: list[tuple[list[str], dict[str, str]]], keep_plan: bool = False
+) -> list[Measured]:
+    """Run jobs at once; each one's wall time and own peak RSS (wait4), its summary and
+    the time its log says it spent in scheduled_calls."""
+    with contextlib.ExitStack() as files:
+        return _run_jobs(jobs, keep_plan, files)
+
+
+def _run_jobs(
+    jobs: list[tuple[list[str], dict[str, str]]], keep_plan: bool, files: contextlib.ExitStack
+) -> list[Measured]:
     started = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "main.py"), *args],
-        env=env,
-        cwd=ROOT / "tests",
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-    )
-    assert proc.stdout is not None
-    last = b""
-    for line in proc.stdout:  # the plan can be large: read it as it comes
-        last = line
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - started
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise SystemExit(f"job failed ({proc.returncode}): {last!r}")
-    return Measured(wall, usage.ru_maxrss / 1024, json.loads(last))
+    running = []
+    for args, env in jobs:
+        out = files.enter_context(tempfile.TemporaryFile())  # noqa: SIM115 - closed by files
+        err = files.enter_context(tempfile.TemporaryFile())  # noqa: SIM115
+        proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "main.py"), *args],
+            env={**env, "LOG_FORMAT": "json"},
+            cwd=ROOT / "tests",
+            stdout=out,
+            stderr=err,
+        )
+        running.append((proc, out, err))
+    results = []
+    for proc, out, err in running:
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - started
+        out.seek(0)
+        err.seek(0)
+        lines = out.read().decode().splitlines()
+        code = os.waitstatus_to_exitcode(status)
+        if code != 0:
+            raise SystemExit(f"job failed ({code}): {lines[-1:]!r}\n{err.read().decode()[-3000:]}")
+        record_seconds, listed = 0.0, []
+        for line in err.read().decode().splitlines():
+            entry = json.loads(line)
+            if "record_seconds" in entry:
+                record_seconds = entry["record_seconds"]
+            if entry["message"] == "listed the queue":
+                listed.append(entry["queue"])
+        plan = [json.loads(line) for line in lines[:-1]] if keep_plan else []
+        summary = json.loads(lines[-1])
+        results.append(
+            Measured(wall, usage.ru_maxrss / 1024, summary, record_seconds, listed, plan)
+        )
+    return results
 
 
 def seed(name: str, users: int, call_time_sql: str, mixed: bool = True) -> None:
@@ -103,16 +149,17 @@ def db_env(name: str) -> dict[str, str]:
     }
 
 
-def enqueue_run(db: str, concurrency: int) -> tuple[Measured, Measured]:
+def enqueue_run(db: str, concurrency: int, cap: str = "0") -> tuple[Measured, Measured]:
     """A first run on an empty queue and record, then the same run again: it lists
-    what the first made, finds every call recorded and pending, and creates nothing."""
+    what the first made, finds every call recorded and pending, and creates nothing.
+    `cap`: ENQUEUE_MAX_PER_SECOND ("0" lifts it; None: the default)."""
     with pymysql.connect(**DB_SETTINGS, database=db, autocommit=True) as conn, conn.cursor() as cur:
         cur.execute("DELETE FROM scheduled_calls")
     server = FakeCloudTasks().start()
     server.faults.latency = LATENCY
     try:
         env = job_env(None, server, **db_env(db))
-        env.update(ENQUEUE_CONCURRENCY=str(concurrency), ENQUEUE_MAX_PER_SECOND="0")
+        env.update(ENQUEUE_CONCURRENCY=str(concurrency), ENQUEUE_MAX_PER_SECOND=cap)
         first = run_job(["--now", NOW], env)
         assert first.summary["tasks_created"] == len(server.tasks)
         again = run_job(["--now", NOW], env)
@@ -122,10 +169,99 @@ def enqueue_run(db: str, concurrency: int) -> tuple[Measured, Measured]:
         server.stop()
 
 
-def main() -> None:
-    import main as job
+PairResult = tuple[list[Measured], list[Measured], dict[str, list[int]]]
 
-    default_concurrency = job.Config.from_env({"DB_HOST": "x"}, dry_run=True).enqueue_concurrency
+
+def hourly_pair(db: str, shards: int) -> PairResult:
+    """Two hourly real runs over `db` with `shards` shards at once (each on its own queue
+    when more than one): 09:00 on an empty queue and record, then 10:00 after 1% of
+    users moved their call 7 minutes later (and the calls due before 10:00 ran). Each
+    run is checked against the plan. Returns both runs' measurements and the ListTasks
+    pages each queue was read with, per run."""
+    with pymysql.connect(**DB_SETTINGS, database=db, autocommit=True) as conn, conn.cursor() as cur:
+        cur.execute("DELETE FROM scheduled_calls")
+    server = FakeCloudTasks().start(max_workers=64 * shards)
+    server.faults.latency = LATENCY
+    pages: dict[str, list[int]] = collections.defaultdict(list)
+    try:
+        base = job_env(None, server, **db_env(db), ENQUEUE_MAX_PER_SECOND="0")
+        if shards > 1:
+            base.update(CLOUD_RUN_TASK_COUNT=str(shards), QUEUE_PER_SHARD="1")
+
+        def run_at(now: str) -> list[Measured]:
+            before = len(server.rpcs)
+            envs = [{**base, "CLOUD_RUN_TASK_INDEX": str(i)} for i in range(shards)]
+            measured = run_jobs([(["--now", now], env) for env in envs])
+            listed = collections.Counter(
+                r.name.rsplit("/", 1)[1] for r in server.rpcs[before:] if r.method == "ListTasks"
+            )
+            for queue in sorted(listed):
+                pages[queue].append(listed[queue])
+            own = [
+                [f"anpi-call-queue-{i}" if shards > 1 else "anpi-call-queue"] for i in range(shards)
+            ]
+            if [m.listed for m in measured] != own or sorted(listed) != sorted(q for [q] in own):
+                raise SystemExit(f"a shard listed another's queue: {[m.listed for m in measured]}")
+            check_against_plan(db, server, now)
+            return measured
+
+        first = run_at(NOW)
+        with (
+            pymysql.connect(**DB_SETTINGS, database=db, autocommit=True) as conn,
+            conn.cursor() as cur,
+        ):
+            cur.execute(MOVE_ONE_PERCENT.format(sign="+"))
+        server.run_due(dt.datetime.fromisoformat(NEXT).timestamp())
+        second = run_at(NEXT)
+        with (
+            pymysql.connect(**DB_SETTINGS, database=db, autocommit=True) as conn,
+            conn.cursor() as cur,
+        ):
+            cur.execute(MOVE_ONE_PERCENT.format(sign="-"))  # as it was, for the next pair
+        return first, second, pages
+    finally:
+        server.stop()
+
+
+# 1% of users, their call 7 minutes later (or back), within the day.
+MOVE_ONE_PERCENT = (
+    "UPDATE users SET call_time = SEC_TO_TIME((TIME_TO_SEC(call_time) {sign} 420 + 86400) % 86400)"
+    " WHERE id DIV 100 % 100 = 37"
+)
+
+
+def check_against_plan(db: str, server: FakeCloudTasks, now: str) -> None:
+    """Every call the (unsharded) plan wants is on the server exactly once, pending or
+    run, under the planned id; and no other task of the window is there, except those
+    that had run before the run (the change came too late for them) or were due within
+    its 60 s firing margin (left, by design)."""
+    plan = run_job(["--dry-run", "--now", now], job_env(None, **db_env(db)), keep_plan=True).plan
+    wanted = {p["task_id"] for p in plan}
+    start = dt.datetime.fromisoformat(now) - dt.timedelta(minutes=15)
+    end = dt.datetime.fromisoformat(now) + dt.timedelta(minutes=120)
+    seen: collections.Counter[tuple[int, dt.datetime]] = collections.Counter()
+    ids = set()
+    names = [n.rsplit("/", 1)[1] for n in server.tasks] + [e.task_id for e in server.executions]
+    for name in names:
+        task = job.parse_task_id(name)
+        if task is not None and start <= task.instant < end:
+            seen[task.key] += 1
+            ids.add(name)
+    doubles = sum(1 for n in seen.values() if n > 1)
+    margin = dt.datetime.fromisoformat(now) + job.FIRING_MARGIN
+    unwanted = {i for i in ids - wanted if (task := job.parse_task_id(i)) and task.instant > margin}
+    if wanted - ids or unwanted or doubles:
+        raise SystemExit(
+            f"run at {now}: {len(wanted - ids)} wanted calls missing, {len(unwanted)}"
+            f" unwanted, {doubles} calls twice"
+        )
+
+
+def main() -> None:
+
+    defaults = job.Config.from_env({"DB_HOST": "x"}, dry_run=True)
+    default_concurrency = defaults.enqueue_concurrency
+    default_cap = f"{defaults.enqueue_max_per_second:g}"
     uniform = "SEC_TO_TIME(FLOOR(RAND(seq) * 86400))"
     print("seeding (1,000,000 + 1,000,000 + 100,000 + 5,000 rows) ...", file=sys.stderr)
     started = time.perf_counter()
@@ -137,7 +273,9 @@ def main() -> None:
     try:
         print("enqueueing 5,000 calls serially ...", file=sys.stderr)
         serial, _ = enqueue_run("anpi_bench_5k", 1)
-        print("enqueueing 5,000 calls concurrently ...", file=sys.stderr)
+        print("enqueueing 5,000 calls with the defaults ...", file=sys.stderr)
+        capped, _ = enqueue_run("anpi_bench_5k", default_concurrency, default_cap)
+        print("enqueueing 5,000 calls concurrently, cap lifted ...", file=sys.stderr)
         parallel, rerun = enqueue_run("anpi_bench_5k", default_concurrency)
         dry = {}
         for name in ("anpi_bench_100k", "anpi_bench_1m"):
@@ -149,6 +287,10 @@ def main() -> None:
         empty = run_job(
             ["--dry-run", "--now", EMPTY_NOW], job_env(None, **db_env("anpi_bench_1m_empty"))
         )
+        pairs = {}
+        for shards in (1, 4):
+            print(f"real hourly runs over anpi_bench_1m, {shards} shard(s) ...", file=sys.stderr)
+            pairs[shards] = hourly_pair("anpi_bench_1m", shards)
     finally:
         for name in ("anpi_bench_5k", "anpi_bench_100k", "anpi_bench_1m", "anpi_bench_1m_empty"):
             drop(name)
@@ -179,8 +321,14 @@ def main() -> None:
 
     row("enqueue 5,000 due calls, `ENQUEUE_CONCURRENCY=1`, cap lifted", serial, rate=True)
     row(
-        f"enqueue 5,000 due calls, `ENQUEUE_CONCURRENCY={default_concurrency}` (default),"
-        " cap lifted",
+        f"enqueue 5,000 due calls, the defaults (`ENQUEUE_CONCURRENCY={default_concurrency}`,"
+        f" `ENQUEUE_MAX_PER_SECOND={default_cap}`)",
+        capped,
+        rate=True,
+    )
+    row(
+        f"enqueue 5,000 due calls, `ENQUEUE_CONCURRENCY={default_concurrency}`,"
+        " cap lifted (`ENQUEUE_MAX_PER_SECOND=0`)",
         parallel,
         rate=True,
     )
@@ -197,6 +345,46 @@ def main() -> None:
     print(
         f"\nConcurrent vs serial: {serial.wall / parallel.wall:.1f}x faster."
         f" Peak RSS at 1,000,000 users is {100 * (rss_1m / rss_100k - 1):+.0f}% of that at 100,000."
+    )
+    peak = dry["anpi_bench_1m"].summary["peak_minute"]
+    print(
+        f"The 1,000,000-user dry run's peak minute (all {950_000:,} active rows counted,"
+        f" grouped by minute in SQL): {peak['calls']} calls at {peak['at']}."
+    )
+
+    print(
+        "\nReal hourly runs over 1,000,000 users (`RECONCILE=1`, cap lifted, default"
+        f" `ENQUEUE_CONCURRENCY={default_concurrency}` per shard), each checked against the plan:"
+        " every wanted call on the server exactly once.\n"
+    )
+    print(
+        "| run | shards | created | deleted | listing pages per queue | wall time"
+        " | peak RSS (per shard) | time in `scheduled_calls` |"
+    )
+    print("|---|---:|---:|---:|---|---:|---:|---:|")
+    labels = (
+        "09:00, empty queue and record",
+        "10:00, after 1% moved their call: lists, creates the new hour, deletes the stale",
+    )
+    totals = {}
+    for shards, (first, second, pages) in pairs.items():
+        totals[shards] = 0.0
+        for n, (label, runs) in enumerate(zip(labels, (first, second), strict=True)):
+            wall = max(m.wall for m in runs)
+            totals[shards] += wall
+            listed = ", ".join(
+                f"{q.rsplit('-', 1)[-1] if shards > 1 else q}: {p[n]}" for q, p in pages.items()
+            )
+            record = sum(m.record_seconds for m in runs) / sum(m.wall for m in runs)
+            rss = max(m.peak_rss_mb for m in runs)
+            print(
+                f"| {label} | {shards} | {sum(m.summary['tasks_created'] for m in runs):,}"
+                f" | {sum(m.summary['tasks_deleted'] for m in runs):,} | {listed}"
+                f" | {wall:.1f} s | {rss:.0f} MB | {100 * record:.0f}% |"
+            )
+    print(
+        f"\nThe pair: {totals[1]:.1f} s on one queue, {totals[4]:.1f} s on four shards' queues"
+        f" ({totals[1] / totals[4]:.2f}x). Each shard listed only its own queue."
     )
 
 

@@ -121,10 +121,23 @@ class Config:
     enqueue_deadline_seconds: float
     reconcile: bool
     retention: dt.timedelta
+    queue_per_shard: bool = False
+    queue_max_dispatches_per_second: float = 10.0
+    peak_warn_minutes: float = 5.0
+
+    @property
+    def queue_name(self) -> str:
+        """This shard's queue: CLOUD_TASKS_QUEUE, or `{CLOUD_TASKS_QUEUE}-{i}` with
+        QUEUE_PER_SHARD=1."""
+        return f"{self.queue}-{self.task_index}" if self.queue_per_shard else self.queue
 
     @property
     def queue_path(self) -> str:
-        return f"projects/{self.project}/locations/{self.location}/queues/{self.queue}"
+        return self.path_of(self.queue_name)
+
+    def path_of(self, queue_name: str) -> str:
+        """The full name of a queue of this project and location."""
+        return f"projects/{self.project}/locations/{self.location}/queues/{queue_name}"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], *, dry_run: bool = False) -> Config:
@@ -146,6 +159,20 @@ class Config:
                 return default
             if not low <= value <= high:
                 errors.append(f"{name}={value} must be between {low} and {high}")
+            return value
+
+        def number(name: str, default: float, high: float) -> float:
+            """A positive number up to `high`."""
+            raw = text(name)
+            if raw is None:
+                return default
+            try:
+                value = float(raw)
+            except ValueError:
+                value = float("nan")
+            if not 0 < value <= high:  # NaN fails too
+                errors.append(f"{name}={raw!r} must be a number above 0 and at most {high:g}")
+                return default
             return value
 
         project = text("GOOGLE_CLOUD_PROJECT")
@@ -209,6 +236,12 @@ class Config:
         reconcile = text("RECONCILE", "1")
         if reconcile not in ("0", "1"):
             errors.append(f"RECONCILE={reconcile!r} must be 1 (on) or 0 (off)")
+        queue_per_shard = text("QUEUE_PER_SHARD", "0")
+        if queue_per_shard not in ("0", "1"):
+            errors.append(
+                f"QUEUE_PER_SHARD={queue_per_shard!r} must be 1 (shard i uses"
+                " CLOUD_TASKS_QUEUE-i) or 0 (every shard uses CLOUD_TASKS_QUEUE)"
+            )
         config = cls(
             project=project,
             location=text("CLOUD_TASKS_LOCATION", "asia-northeast1") or "",
@@ -239,6 +272,10 @@ class Config:
             enqueue_deadline_seconds=integer("ENQUEUE_DEADLINE_SECONDS", 60, 1, 600),
             reconcile=reconcile != "0",
             retention=dt.timedelta(days=integer("SCHEDULED_CALLS_RETENTION_DAYS", 35, 2, 3650)),
+            queue_per_shard=queue_per_shard == "1",
+            # What deploy.sh sets on the queue; Cloud Tasks allows at most 500.
+            queue_max_dispatches_per_second=number("QUEUE_MAX_DISPATCHES_PER_SECOND", 10, 500),
+            peak_warn_minutes=number("PEAK_WARN_MINUTES", 5, 24 * 60),
         )
         if errors:
             raise ConfigError("invalid configuration: " + "; ".join(errors))
@@ -468,6 +505,40 @@ def read_rows(conn: Any, config: Config, window: Window) -> Generator[UserRow, N
         raise DatabaseError(f"lost the database while reading users: {exc}") from exc
 
 
+def read_schedules(conn: Any, config: Config) -> Iterator[tuple[UserRow, int]]:
+    """Every active row of this shard, grouped by what schedules it, call times cut to
+    the minute: (a row standing for the group, its number of rows). For the peak
+    minute of a dry run, which reads only its window's rows otherwise.
+
+    Cutting the seconds moves no call out of its minute: every zone's UTC offset (and
+    DST gap) is a whole number of minutes. Out-of-day times are left out (invalid).
+    """
+    sql = (
+        "SELECT timezone, call_weekdays, SEC_TO_TIME(TIME_TO_SEC(call_time) DIV 60 * 60) AS t,"
+        " pause_from, pause_until, COUNT(*) FROM users WHERE is_active = 1"
+        " AND call_time >= CAST('00:00:00' AS TIME) AND call_time < CAST('24:00:00' AS TIME)"
+    )
+    args: list[Any] = []
+    if config.task_count > 1:
+        sql += " AND MOD(MOD(id, %s) + %s, %s) = %s"
+        args += [config.task_count] * 3 + [config.task_index]
+    sql += " GROUP BY timezone, call_weekdays, t, pause_from, pause_until"
+    cur = conn.cursor()
+    finished = False
+    try:
+        cur.execute(sql, args)
+        for zone, weekdays, at, pause_from, pause_until, count in cur:
+            yield UserRow(0, None, weekdays, at, zone, pause_from, pause_until), count
+        finished = True
+    except pymysql.err.MySQLError as exc:
+        raise DatabaseError(f"lost the database while counting the peak minute: {exc}") from exc
+    finally:
+        if finished:
+            cur.close()
+        else:
+            _abandon(cur)
+
+
 def _abandon(cursor: Any) -> None:
     """Drop an unbuffered result part-way without reading the rest.
 
@@ -535,6 +606,11 @@ class Window:
     def around(cls, now: dt.datetime, grace: dt.timedelta, lookahead: dt.timedelta) -> Window:
         now = now.astimezone(UTC)
         return cls(now - grace, now + lookahead)
+
+    @classmethod
+    def next_day(cls, now: dt.datetime) -> Window:
+        """The 24 hours from `now`: where the peak minute is looked for."""
+        return cls.around(now, dt.timedelta(), dt.timedelta(days=1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -817,11 +893,12 @@ def parse_zone(value: object, default: zoneinfo.ZoneInfo) -> zoneinfo.ZoneInfo:
 
 
 def parse_row(
-    row: UserRow, default_zone: zoneinfo.ZoneInfo, region: str = "JP"
+    row: UserRow, default_zone: zoneinfo.ZoneInfo, region: str | None = "JP"
 ) -> CallSetting | None:
     """Validate one row. None when it asks for no calls; InvalidRow when it is wrong.
 
-    `region` is the country of national phone numbers (DEFAULT_COUNTRY_CODE's region).
+    `region` is the country of national phone numbers (DEFAULT_COUNTRY_CODE's region);
+    None leaves the phone number out (the peak count's groups of rows have none).
     """
     if not isinstance(row.id, int) or isinstance(row.id, bool):
         raise InvalidRow(f"id has type {type(row.id).__name__}")
@@ -833,7 +910,7 @@ def parse_row(
         column = "timezone"
         zone = parse_zone(row.timezone, default_zone)
         column = "phone_number"
-        phone = normalize_phone(row.phone_number, region)
+        phone = "" if region is None else normalize_phone(row.phone_number, region)
         column = "pause_from"
         pause_from = parse_date(row.pause_from, column)
         column = "pause_until"
@@ -1055,6 +1132,51 @@ def plan_calls(
     ]
 
 
+def count_minutes(
+    setting: CallSetting, window: Window, counts: dict[dt.datetime, int], weight: int = 1
+) -> None:
+    """Add `weight` calls to the minute (UTC) of each call `setting` makes in `window`."""
+    for instant in occurrences(setting, window):
+        minute = instant.replace(second=0)
+        counts[minute] = counts.get(minute, 0) + weight
+
+
+def peak_minute(counts: Mapping[dt.datetime, int], config: Config) -> dict[str, Any] | None:
+    """The busiest minute of `counts` (the earliest of equals): its start in
+    DEFAULT_TIMEZONE, its calls, and the seconds its queue needs to dispatch them at
+    QUEUE_MAX_DISPATCHES_PER_SECOND. Shards sharing one queue (QUEUE_PER_SHARD=0) each
+    hold about 1/TASK_COUNT of its calls, so their minute counts TASK_COUNT times.
+    None without calls."""
+    if not counts:
+        return None
+    minute = min(counts, key=lambda m: (-counts[m], m))
+    sharing = 1 if config.queue_per_shard else config.task_count
+    seconds = counts[minute] * sharing / config.queue_max_dispatches_per_second
+    return {
+        "at": minute.astimezone(config.default_timezone).isoformat(),
+        "calls": counts[minute],
+        "dispatch_seconds": round(seconds, 1),
+    }
+
+
+def warn_peak(peak: dict[str, Any] | None, config: Config) -> None:
+    """A WARNING naming the fix when the busiest minute takes over PEAK_WARN_MINUTES."""
+    if peak is None or peak["dispatch_seconds"] <= config.peak_warn_minutes * 60:
+        return
+    log.warning(
+        "the busiest minute, %s, has %d calls: the queue needs %.0fs to dispatch them at"
+        " %g/s, so its last call is that late (PEAK_WARN_MINUTES=%g). Raise"
+        " QUEUE_MAX_DISPATCHES_PER_SECOND together with Twilio's calls per second, or add"
+        " shards (TASK_COUNT, with QUEUE_PER_SHARD=1)",
+        peak["at"],
+        peak["calls"],
+        peak["dispatch_seconds"],
+        config.queue_max_dispatches_per_second,
+        config.peak_warn_minutes,
+        extra={"peak_minute": peak},
+    )
+
+
 def local_time_ranges(zone: zoneinfo.ZoneInfo, window: Window) -> list[tuple[int, int]] | None:
     """Seconds-of-day ranges [lo, hi) that hold every wall time due in `window`.
 
@@ -1083,29 +1205,38 @@ def local_time_ranges(zone: zoneinfo.ZoneInfo, window: Window) -> list[tuple[int
 # ---------------------------------------------------------------------------
 
 PLANNED, DELETING, DELETED = "planned", "deleting", "deleted"
-RECORD_COLUMNS = "call_at, user_id, alternative, task_id, state, reason"
+RECORD_COLUMNS = "call_at, user_id, alternative, task_id, state, reason, queue"
+_FIRST_COLUMNS = "call_at, user_id, alternative, task_id, state, reason"  # migration 001's
+# What brings an existing database up to date: the table's first migration (a missing
+# table), and the one that adds what a check needs.
+MIGRATIONS = {
+    "users": "migrations/002_users_pauses.sql",
+    "scheduled_calls": "migrations/001_scheduled_calls.sql",
+}
+QUEUE_MIGRATION = "migrations/003_scheduled_calls_queue.sql"
 # Every statement the job runs on scheduled_calls, each run once with nothing to touch,
 # so a missing table, column or grant shows before any task is created.
 # In the order of the migrations that fix them, so the first problem names the first file.
 RECORD_CHECKS = (
-    ("SELECT", "scheduled_calls", f"SELECT {RECORD_COLUMNS} FROM scheduled_calls LIMIT 0"),
+    ("SELECT", "scheduled_calls", f"SELECT {_FIRST_COLUMNS} FROM scheduled_calls LIMIT 0", None),
+    (
+        "INSERT",
+        "scheduled_calls",
+        f"INSERT INTO scheduled_calls ({_FIRST_COLUMNS})"
+        f" SELECT {_FIRST_COLUMNS} FROM scheduled_calls WHERE FALSE",
+        None,
+    ),
+    ("UPDATE", "scheduled_calls", "UPDATE scheduled_calls SET state = state WHERE FALSE", None),
+    ("DELETE", "scheduled_calls", "DELETE FROM scheduled_calls WHERE FALSE", None),
+    ("SELECT", "users", f"SELECT {USER_COLUMNS}, is_active FROM users LIMIT 0", None),
     (
         "INSERT",
         "scheduled_calls",
         f"INSERT INTO scheduled_calls ({RECORD_COLUMNS})"
         f" SELECT {RECORD_COLUMNS} FROM scheduled_calls WHERE FALSE",
+        QUEUE_MIGRATION,
     ),
-    ("UPDATE", "scheduled_calls", "UPDATE scheduled_calls SET state = state WHERE FALSE"),
-    ("DELETE", "scheduled_calls", "DELETE FROM scheduled_calls WHERE FALSE"),
-    ("SELECT", "users", f"SELECT {USER_COLUMNS}, is_active FROM users LIMIT 0"),
 )
-
-
-# What brings an existing database up to date, per table the job needs.
-MIGRATIONS = {
-    "users": "migrations/002_users_pauses.sql",
-    "scheduled_calls": "migrations/001_scheduled_calls.sql",
-}
 
 
 class Entry(NamedTuple):
@@ -1115,6 +1246,7 @@ class Entry(NamedTuple):
     alternative: int
     state: str
     reason: str | None = None
+    queue: str | None = None  # the queue of a new row; None: this shard's
 
 
 class Choice(NamedTuple):
@@ -1123,8 +1255,10 @@ class Choice(NamedTuple):
     alternative: int
     pending: bool = False  # the listing shows this id on the queue: nothing to create
     recorded: bool = False  # recorded planned already: the task may exist or have run
-    # Ids whose delete was begun but never confirmed: one may still be pending, or have run.
-    unconfirmed: tuple[int, ...] = ()
+    # Ids (and their queues) whose delete was begun but never confirmed: one may still
+    # be pending, or have run.
+    unconfirmed: tuple[tuple[int, str], ...] = ()
+    queue: str | None = None  # the queue the id belongs to; None: this shard's
 
     @property
     def record_first(self) -> bool:
@@ -1138,15 +1272,19 @@ class CallRecord:
     The job writes a call's id here (committed) before it creates the task, and marks
     a task deleted here before it deletes it. So the table knows what Cloud Tasks
     cannot tell: whether a refused name belongs to a task that ran or to one that was
-    deleted. Writes go through their own connection; a lock serialises the enqueue
-    threads' rare single-call writes with the main thread's batches.
+    deleted. Each row also names the queue its task belongs to, fixed by the first run
+    that wrote it: after a reshard a call stays on the queue it was given. Writes go
+    through their own connection; a lock serialises the enqueue threads' rare
+    single-call writes with the main thread's batches.
     """
 
     def __init__(self, conn: Any, config: Config) -> None:
         self._conn = conn
         self._config = config
         self._lock = threading.Lock()
-        self._rows: dict[CallKey, dict[int, str]] = {}  # filled by load
+        self._rows: dict[CallKey, dict[int, tuple[str, str]]] = {}  # filled by load
+        self.seconds = 0.0  # time spent in statements, for the bench
+        self.own_queue = config.queue_name
 
     def check(self) -> None:
         """Raise SetupError naming the table and grant when a statement would be refused."""
@@ -1156,7 +1294,7 @@ class CallRecord:
             f"GRANT SELECT ON `{config.db_name}`.users TO {user}; GRANT SELECT, INSERT,"
             f" UPDATE, DELETE ON `{config.db_name}`.scheduled_calls TO {user}"
         )
-        for privilege, table, sql in RECORD_CHECKS:
+        for privilege, table, sql, migration in RECORD_CHECKS:
             try:
                 with self._lock, self._conn.cursor() as cur:
                     cur.execute(sql)
@@ -1167,28 +1305,29 @@ class CallRecord:
                         f"the database user may not {privilege} on {table}: {grant}"
                     ) from exc
                 if code in (1146, 1054):  # no such table or column
+                    fix = MIGRATIONS[table] if code == 1146 else migration or MIGRATIONS[table]
                     raise SetupError(
                         f"table {table} is missing or has old columns ({exc.args[1]}):"
-                        f" apply {MIGRATIONS[table]} (or schema.sql on a new database),"
-                        " then " + grant
+                        f" apply {fix} (or schema.sql on a new database), then " + grant
                     ) from exc
                 raise DatabaseError(f"cannot check table {table}: {exc}") from exc
 
     def load(self, window: Window) -> None:
         """Read this shard's rows for the calls in `window`."""
         config = self._config
-        sql = "SELECT user_id, call_at, alternative, state FROM scheduled_calls"
+        sql = "SELECT user_id, call_at, alternative, state, queue FROM scheduled_calls"
         sql += " WHERE call_at >= %s AND call_at < %s"
         args: list[Any] = [_naive_utc(window.start), _naive_utc(window.end)]
         if config.task_count > 1:
             sql += " AND MOD(MOD(user_id, %s) + %s, %s) = %s"
             args += [config.task_count] * 3 + [config.task_index]
-        rows: dict[CallKey, dict[int, str]] = {}
+        rows: dict[CallKey, dict[int, tuple[str, str]]] = {}
         with self._query() as cur:
             cur.execute(sql, args)
-            for user_id, call_at, alternative, state in cur.fetchall():
+            for user_id, call_at, alternative, state, queue in cur.fetchall():
                 key = CallKey(user_id, call_at.replace(tzinfo=UTC))
-                rows.setdefault(key, {})[alternative] = state
+                # NULL: a row from before migration 003, when there was one queue.
+                rows.setdefault(key, {})[alternative] = (state, queue or config.queue)
         self._rows = rows
 
     def choose(self, key: CallKey, pending: set[int] | None) -> Choice:
@@ -1197,20 +1336,54 @@ class CallRecord:
         1. An id of the call that the listing shows pending (the one recorded planned,
            else the lowest): it is on the queue, so nothing is created.
         2. Otherwise the id recorded planned (the highest, should there be several):
-           created again, where ALREADY_EXISTS means it exists or already ran.
+           created again on the queue it was recorded on, where ALREADY_EXISTS means it
+           exists or already ran.
         3. Otherwise the next id after every recorded (deleting or deleted) one; the
-           base id when the call has no row. It is recorded before it is created.
+           base id when the call has no row. It is recorded (`claim`) before it is
+           created.
         Deterministic from the table and the listing, so concurrent runs agree.
         """
         rows = self._rows.get(key, {})
-        planned = sorted(a for a, state in rows.items() if state == PLANNED)
+        planned = sorted(a for a, (state, _) in rows.items() if state == PLANNED)
         if pending:
             alternative = next((a for a in planned if a in pending), min(pending))
             return Choice(alternative, pending=True, recorded=alternative in planned)
         if planned:
-            return Choice(planned[-1], recorded=True)
-        unconfirmed = tuple(sorted(a for a, state in rows.items() if state == DELETING))
+            return Choice(planned[-1], recorded=True, queue=rows[planned[-1]][1])
+        unconfirmed = tuple(sorted((a, q) for a, (state, q) in rows.items() if state == DELETING))
         return Choice(max(rows, default=-1) + 1, unconfirmed=unconfirmed)
+
+    def elsewhere(self) -> dict[CallKey, dict[int, str]]:
+        """This shard's calls in the window with an id planned or being deleted on
+        another queue (a user moved here by a reshard): alternative -> queue."""
+        own = self._config.queue_name
+        found: dict[CallKey, dict[int, str]] = {}
+        for key, rows in self._rows.items():
+            for alternative, (state, queue) in rows.items():
+                if state != DELETED and queue != own:
+                    found.setdefault(key, {})[alternative] = queue
+        return found
+
+    def claim(self, entries: Sequence[Entry]) -> dict[tuple[CallKey, int], str]:
+        """Record new planned ids (`write`), then read back the queue of each: the
+        queue of the run that wrote the row first. Two runs that planned the same new
+        id on different queues (a reshard while an execution of the old TASK_COUNT is
+        still running) then both create it on that one queue, where its name is unique.
+        """
+        self.write(entries)
+        homes: dict[tuple[CallKey, int], str] = {}
+        for start in range(0, len(entries), RECORD_BATCH):
+            chunk = entries[start : start + RECORD_BATCH]
+            sql = (
+                "SELECT user_id, call_at, alternative, queue FROM scheduled_calls"
+                " WHERE task_id IN (" + ", ".join(["%s"] * len(chunk)) + ")"
+            )
+            with self._query() as cur:
+                cur.execute(sql, [task_id(*e.key, e.alternative) for e in chunk])
+                for user_id, call_at, alternative, queue in cur.fetchall():
+                    key = CallKey(user_id, call_at.replace(tzinfo=UTC))
+                    homes[(key, alternative)] = queue or self._config.queue
+        return homes
 
     def lock(self) -> bool:
         """Hold this shard's run lock (MySQL GET_LOCK) until the connection closes.
@@ -1229,10 +1402,12 @@ class CallRecord:
 
     def write(self, entries: Sequence[Entry]) -> None:
         """Upsert `entries` in one statement per RECORD_BATCH rows, each committed."""
+        # The queue is never updated: the first writer's stays (see `claim`).
         sql = (
-            f"INSERT INTO scheduled_calls ({RECORD_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s)"
+            f"INSERT INTO scheduled_calls ({RECORD_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s)"
             " ON DUPLICATE KEY UPDATE state = VALUES(state), reason = VALUES(reason)"
         )
+        own = self._config.queue_name
         for start in range(0, len(entries), RECORD_BATCH):
             args = [
                 (
@@ -1242,6 +1417,7 @@ class CallRecord:
                     task_id(e.key.user_id, e.key.instant, e.alternative),
                     e.state,
                     e.reason,
+                    e.queue or own,
                 )
                 for e in entries[start : start + RECORD_BATCH]
             ]
@@ -1265,7 +1441,11 @@ class CallRecord:
         """A cursor on the writer connection, held alone; driver errors as DatabaseError."""
         try:
             with self._lock, self._conn.cursor() as cur:
-                yield cur
+                started = time.monotonic()
+                try:
+                    yield cur
+                finally:
+                    self.seconds += time.monotonic() - started
         except pymysql.err.MySQLError as exc:
             raise DatabaseError(f"scheduled_calls: {exc}") from exc
 
@@ -1326,10 +1506,16 @@ class TaskSink:
     queue, no credentials) raise FatalQueueError: every further call would meet them too.
     """
 
-    def __init__(self, client: Any, config: Config, stop: threading.Event) -> None:
+    def __init__(
+        self, client: Any, config: Config, stop: threading.Event, queue: str | None = None
+    ) -> None:
         self._client = client
         self._config = config
         self._stop = stop
+        self.queue = queue or config.queue_name
+        self.queue_path = config.path_of(self.queue)
+        # Another shard's queue, where a reshard left some of this shard's calls.
+        self.foreign = self.queue != config.queue_name
         self._get_denied = threading.Event()
         self._retry = retries.Retry(
             predicate=retries.if_exception_type(
@@ -1347,6 +1533,7 @@ class TaskSink:
             on_error=self._before_retry,
         )
         self._timeout = timeouts.ConstantTimeout(10.0)
+        self.pages = 0  # ListTasks pages read
 
     def _before_retry(self, exc: Exception) -> None:
         """Give up retrying once the run is stopping; the next run plans the call again."""
@@ -1365,7 +1552,7 @@ class TaskSink:
             if task_gone_ok:
                 raise
             raise FatalQueueError(
-                f"Cloud Tasks queue {self._config.queue_path} not found: {exc.message}"
+                f"Cloud Tasks queue {self.queue_path} not found: {exc.message}"
             ) from exc
         except gexc.Unauthenticated as exc:
             raise FatalQueueError(f"Cloud Tasks rejected the credentials: {exc.message}") from exc
@@ -1380,7 +1567,7 @@ class TaskSink:
             )
 
     def _name(self, task_id: str) -> str:
-        return f"{self._config.queue_path}/tasks/{task_id}"
+        return f"{self.queue_path}/tasks/{task_id}"
 
     def build_task(self, call: Call, task_id: str) -> Any:
         """The typed Cloud Tasks HTTP task for `call` under `task_id`."""
@@ -1413,7 +1600,7 @@ class TaskSink:
         from google.cloud import tasks_v2
 
         request = tasks_v2.CreateTaskRequest(
-            parent=self._config.queue_path, task=self.build_task(call, task_id)
+            parent=self.queue_path, task=self.build_task(call, task_id)
         )
         extra = {"user_id": call.user_id, "task_id": task_id}
         try:
@@ -1472,23 +1659,56 @@ class TaskSink:
         (alternatives) of each call.
 
         ListTasks pages through the whole queue (1,000 a page, the largest allowed:
-        the quota is 600 list calls a minute); other ids are never considered.
+        the quota is 600 list calls a minute); other ids are never considered, nor are
+        other shards' users' tasks (after a reshard their new shard finds them in the
+        record). `pages` counts the pages read.
         """
         from google.cloud import tasks_v2
 
         config = self._config
         request = tasks_v2.ListTasksRequest(
-            parent=config.queue_path, page_size=1000, response_view=tasks_v2.Task.View.BASIC
+            parent=self.queue_path, page_size=1000, response_view=tasks_v2.Task.View.BASIC
         )
         own: dict[CallKey, set[int]] = {}
         with self._fatal_errors():  # later pages are fetched while iterating
-            for task in self._rpc("list_tasks", request):
-                name = parse_task_id(task.name.rsplit("/", 1)[-1])
-                if name is None or name.user_id % config.task_count != config.task_index:
-                    continue
-                if window.start <= name.instant < window.end:
-                    own.setdefault(name.key, set()).add(name.retry)
+            listing = self._rpc("list_tasks", request)
+            for page in listing.pages:
+                self.pages += 1
+                for task in page.tasks:
+                    name = parse_task_id(task.name.rsplit("/", 1)[-1])
+                    if name is None or name.user_id % config.task_count != config.task_index:
+                        continue
+                    if window.start <= name.instant < window.end:
+                        own.setdefault(name.key, set()).add(name.retry)
         return own
+
+
+class Queues:
+    """The run's TaskSinks, one per queue, each made at its first use; one client.
+
+    Called with no queue, it gives this shard's own.
+    """
+
+    def __init__(
+        self, make_client: Callable[[], Any], config: Config, stop: threading.Event
+    ) -> None:
+        self._make_client = make_client
+        self._config = config
+        self._stop = stop
+        self._client: Any = None
+        self._sinks: dict[str, TaskSink] = {}
+        self._lock = threading.Lock()
+        self.fatal: FatalQueueError | None = None  # met by the listing: every call meets it
+
+    def __call__(self, queue: str | None = None) -> TaskSink:
+        queue = queue or self._config.queue_name
+        with self._lock:
+            if self.fatal is not None:
+                raise self.fatal
+            if queue not in self._sinks:
+                self._client = self._client or self._make_client()
+                self._sinks[queue] = TaskSink(self._client, self._config, self._stop, queue)
+            return self._sinks[queue]
 
 
 class RateLimiter:
@@ -1539,6 +1759,7 @@ class RunSummary:
     window_end: str = ""
     error: str | None = None
     interrupted: bool = False
+    peak_minute: dict[str, Any] | None = None  # dry runs: the next 24 hours' busiest minute
 
     @property
     def exit_code(self) -> int:
@@ -1649,11 +1870,14 @@ def _chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
         yield chunk
 
 
-def place(call: Call, choice: Choice, sink: TaskSink, record: CallRecord, clock: Clock) -> str:
-    """Make sure the call's chosen id is on the queue or has run: CREATED, EXISTING, FAILED.
+def place(
+    call: Call, choice: Choice, sinks: Callable[..., TaskSink], record: CallRecord, clock: Clock
+) -> str:
+    """Make sure the call's chosen id is on its queue or has run: CREATED, EXISTING, FAILED.
 
     The id is recorded already, or, when an earlier id's delete was never confirmed,
     recorded here once that task is known not to be pending and not to have run.
+    Each id is created on the queue its row names (`sinks` gives the queue's sink).
     ALREADY_EXISTS means the task exists or ran within the hour (a recorded id is
     created again only while younger than MAX_RECREATE_AGE). The one exception is a
     call still more than FIRING_MARGIN ahead of the job's clock that GetTask cannot
@@ -1662,6 +1886,7 @@ def place(call: Call, choice: Choice, sink: TaskSink, record: CallRecord, clock:
     """
     key, alternative = call.key, choice.alternative
     extra = {"user_id": call.user_id, "task_id": call.task_id(alternative)}
+    queue = choice.queue
 
     def ahead() -> bool:
         """Still too far ahead to have fired, by the job's clock now."""
@@ -1677,8 +1902,8 @@ def place(call: Call, choice: Choice, sink: TaskSink, record: CallRecord, clock:
         if choice.unconfirmed:
             # The run that began deleting it died, or its delete failed: the task may be
             # pending (keep it), deleted (make a new one), or may have run (create none).
-            for earlier in reversed(choice.unconfirmed):
-                if sink.exists(call.task_id(earlier)):
+            for earlier, earlier_queue in reversed(choice.unconfirmed):
+                if sinks(earlier_queue).exists(call.task_id(earlier)):
                     record.write([Entry(key, earlier, PLANNED)])
                     return EXISTING
             if not ahead():
@@ -1688,8 +1913,9 @@ def place(call: Call, choice: Choice, sink: TaskSink, record: CallRecord, clock:
                     extra=extra,
                 )
                 return FAILED
-            record.write([Entry(key, alternative, PLANNED)])
+            queue = record.claim([Entry(key, alternative, PLANNED)])[(key, alternative)]
         while True:
+            sink = sinks(queue)
             outcome = sink.create(call, call.task_id(alternative))
             if outcome != EXISTING or not ahead():
                 return outcome
@@ -1702,13 +1928,20 @@ def place(call: Call, choice: Choice, sink: TaskSink, record: CallRecord, clock:
                 "task deleted outside the job before its time; creating it again under the next id",
                 extra={**extra, "next": call.task_id(alternative + 1)},
             )
-            record.write(
+            homes = record.claim(
                 [
-                    Entry(key, alternative, DELETED, "deleted outside the job"),
+                    Entry(key, alternative, DELETED, "deleted outside the job", sink.queue),
                     Entry(key, alternative + 1, PLANNED),
                 ]
             )
             alternative += 1
+            queue = homes[(key, alternative)]
+    except FatalQueueError as exc:
+        if queue is None or queue == record.own_queue:
+            raise
+        # Only this call's recorded queue is gone (a leftover queue deleted too early):
+        # it may have run there, so nothing is created elsewhere.
+        log.error("the queue this call was recorded on is unusable: %s", exc, extra=extra)
     except (gexc.GoogleAPICallError, gexc.RetryError) as exc:
         log.error("could not look a task up: %s", exc, extra=extra)
     except DatabaseError as exc:
@@ -1717,7 +1950,7 @@ def place(call: Call, choice: Choice, sink: TaskSink, record: CallRecord, clock:
 
 
 def enqueue(
-    make_sink: Callable[[], TaskSink],
+    sinks: Callable[..., TaskSink],
     batches: Iterable[list[tuple[Call, Choice]]],
     record: CallRecord,
     config: Config,
@@ -1737,6 +1970,7 @@ def enqueue(
     lock = threading.Lock()
     fatal = threading.Event()
     sink: TaskSink | None = None
+    homes: dict[tuple[CallKey, int], str] = {}
 
     def give_up(exc: Exception) -> None:
         with lock:
@@ -1782,13 +2016,15 @@ def enqueue(
             if not fatal.is_set():
                 new = [Entry(c.key, ch.alternative, PLANNED) for c, ch in batch if ch.record_first]
                 try:
-                    record.write(new)
+                    homes = record.claim(new)
                 except DatabaseError as exc:
                     give_up(exc)
             for i, (call, choice) in enumerate(batch):
+                if choice.record_first and not choice.pending:
+                    choice = choice._replace(queue=homes.get((call.key, choice.alternative)))
                 if not choice.pending and sink is None and not fatal.is_set():
                     try:
-                        sink = make_sink()
+                        sink = sinks()
                     except FatalQueueError as exc:
                         give_up(exc)
                 if choice.pending or fatal.is_set():
@@ -1797,9 +2033,8 @@ def enqueue(
                 if stop.is_set() or not wait_for_slot():
                     not_attempted(batch[i:])
                     break
-                assert sink is not None
                 limiter.wait()
-                pool.submit(place, call, choice, sink, record, clock).add_done_callback(done)
+                pool.submit(place, call, choice, sinks, record, clock).add_done_callback(done)
 
 
 class Stale(NamedTuple):
@@ -1808,13 +2043,15 @@ class Stale(NamedTuple):
     key: CallKey
     alternative: int
     reason: str
+    queue: str | None = None  # where the task is; None: this shard's queue (listed)
 
     @property
     def task_id(self) -> str:
         return task_id(self.key.user_id, self.key.instant, self.alternative)
 
     def plan_line(self) -> dict[str, Any]:
-        return {"delete": self.task_id, "user_id": self.key.user_id, "reason": self.reason}
+        line = {"delete": self.task_id, "user_id": self.key.user_id, "reason": self.reason}
+        return line if self.queue is None else {**line, "queue": self.queue}
 
 
 def stale_tasks(
@@ -1822,22 +2059,28 @@ def stale_tasks(
     chosen: Mapping[CallKey, int],
     invalid_users: set[int],
     paused: AbstractSet[CallKey] = frozenset(),
+    elsewhere: Mapping[CallKey, Mapping[int, str]] | None = None,
 ) -> list[Stale]:
-    """The listed tasks of this shard and window that the plan does not contain.
+    """The tasks of this shard and window that the plan does not contain: those listed
+    on its queue, and those the record puts on another queue (`elsewhere`, where a
+    reshard left them; nobody lists them as theirs, so their user's shard deletes them
+    by name).
 
     A planned call keeps the id it was given (`chosen`); any further one for it would
     call twice. A user whose row is invalid this run keeps their tasks: a typo in the
     table must not cancel a call.
     """
+    elsewhere = elsewhere or {}
     planned_users = {key.user_id for key in chosen}
     stale = []
-    for key, alternatives in pending.items():
+    for key in [*pending, *(k for k in elsewhere if k not in pending)]:
+        listed = pending.get(key, set())
+        found: list[tuple[int, str | None]] = [(a, None) for a in sorted(listed)]
+        found += [(a, q) for a, q in sorted(elsewhere.get(key, {}).items()) if a not in listed]
         if key in chosen:
             keep = task_id(key.user_id, key.instant, chosen[key])
             stale += [
-                Stale(key, a, f"duplicate of {keep}")
-                for a in sorted(alternatives)
-                if a != chosen[key]
+                Stale(key, a, f"duplicate of {keep}", q) for a, q in found if a != chosen[key]
             ]
         elif key.user_id in invalid_users:
             log.warning(
@@ -1851,12 +2094,12 @@ def stale_tasks(
                 reason = "call time or weekday changed"
             else:
                 reason = "no call in the window: user inactive, removed or schedule changed"
-            stale += [Stale(key, a, reason) for a in sorted(alternatives)]
+            stale += [Stale(key, a, reason, q) for a, q in found]
     return stale
 
 
 def reconcile(
-    sink: TaskSink,
+    sinks: Callable[..., TaskSink],
     record: CallRecord,
     stale: Sequence[Stale],
     *,
@@ -1887,11 +2130,13 @@ def reconcile(
     def delete(item: Stale) -> bool | str | None:
         """True deleted, False already gone, `left` too close now, None failed."""
         extra = {"user_id": item.key.user_id, "task_id": item.task_id, "reason": item.reason}
+        if item.queue is not None:
+            extra["queue"] = item.queue
         try:
             if firing(item):
                 record.write([Entry(item.key, item.alternative, PLANNED)])  # undo the mark
                 return left
-            gone = sink.delete(item.task_id)
+            gone = sinks(item.queue).delete(item.task_id)
         except (gexc.GoogleAPICallError, gexc.RetryError, FatalQueueError, DatabaseError) as exc:
             log.error("could not delete a stale task: %s", exc, extra=extra)
             return None
@@ -1915,7 +2160,9 @@ def reconcile(
                 else:
                     doomed.append(item)
             try:
-                record.write([Entry(i.key, i.alternative, DELETING, i.reason) for i in doomed])
+                record.write(
+                    [Entry(i.key, i.alternative, DELETING, i.reason, i.queue) for i in doomed]
+                )
             except DatabaseError as exc:
                 summary.fail(f"could not record the stale tasks, so deleted none: {exc}")
                 summary.deletes_failed += len(doomed)
@@ -1929,7 +2176,9 @@ def reconcile(
                 else:
                     summary.tasks_deleted += bool(outcome)
                     if item.key.instant > clock() + FIRING_MARGIN:
-                        confirmed.append(Entry(item.key, item.alternative, DELETED, item.reason))
+                        confirmed.append(
+                            Entry(item.key, item.alternative, DELETED, item.reason, item.queue)
+                        )
             try:
                 record.write(confirmed)
             except DatabaseError as exc:  # they stay "deleting": safe, only less certain
@@ -2003,19 +2252,20 @@ def run(
             summary.fail(str(exc))
             return summary
 
-        client = tasks_client
-        sink: TaskSink | None = None
+        sinks = Queues(lambda: tasks_client or make_tasks_client(config), config, stop)
         pending: dict[CallKey, set[int]] | None = None
-        queue_fatal: FatalQueueError | None = None
         if config.reconcile and config.project:
             # Listed first, so calls already on the queue need no create, and the run
             # knows which ids are pending (read-only: a dry run does this too).
             try:
-                client = client or make_tasks_client(config)
-                sink = TaskSink(client, config, stop)
-                pending = sink.list_own(window)
+                own = sinks()
+                pending = own.list_own(window)
+                log.info(
+                    "listed the queue",
+                    extra={"queue": own.queue, "pages": own.pages, "tasks": len(pending)},
+                )
             except FatalQueueError as exc:
-                queue_fatal = exc
+                sinks.fatal = exc
                 if dry_run and isinstance(exc, NoCredentialsError):
                     log.warning(QUEUE_NOT_READ, "no Google credentials")
                 else:
@@ -2037,20 +2287,19 @@ def run(
                 for call, choice in batch:
                     out(json.dumps(call.plan_line(choice.alternative)))
         else:
-
-            def make_sink() -> TaskSink:
-                if queue_fatal is not None:
-                    raise queue_fatal
-                return sink or TaskSink(client or make_tasks_client(config), config, stop)
-
-            enqueue(make_sink, batches, record, config, summary, stop, clock)
+            enqueue(sinks, batches, record, config, summary, stop, clock)
         rows.close()
+        if dry_run and summary.error is None and not stop.is_set():
+            try:
+                summary.peak_minute = count_peak(read_schedules(reader, config), config, now)
+            except DatabaseError as exc:
+                summary.fail(str(exc))
 
         # Only a complete plan can say what is stale: not after an error or a stop.
-        if pending is not None and sink is not None and summary.error is None and not stop.is_set():
-            stale = stale_tasks(pending, chosen, invalid_users, paused)
+        if pending is not None and summary.error is None and not stop.is_set():
+            stale = stale_tasks(pending, chosen, invalid_users, paused, record.elsewhere())
             reconcile(
-                sink,
+                sinks,
                 record,
                 stale,
                 config=config,
@@ -2063,6 +2312,11 @@ def run(
                 summary.records_purged = record.purge(now - config.retention)
             except DatabaseError as exc:
                 log.warning("could not purge old scheduled_calls rows: %s", exc)
+        log.info(
+            "time in scheduled_calls: %.1fs",
+            record.seconds,
+            extra={"record_seconds": round(record.seconds, 3), "queue": config.queue_name},
+        )
     return summary
 
 
@@ -2092,6 +2346,7 @@ class CheckSummary:
     problems: list[str] = dataclasses.field(default_factory=list)
     shard: str = "0/1"
     error: str | None = None
+    peak_minute: dict[str, Any] | None = None  # the next 24 hours' busiest minute
 
     @property
     def exit_code(self) -> int:
@@ -2106,12 +2361,38 @@ def reason_kind(reason: str) -> str:
     return re.sub(r"'[^']*'|\*\*\*\S*|-?[0-9][0-9:.-]*", "…", reason)
 
 
-def check(config: Config, out: Callable[[str], None]) -> CheckSummary:
-    """Validate the schema, the grants and every active row of this shard, streamed.
+def count_peak(
+    groups: Iterable[tuple[UserRow, int]], config: Config, now: dt.datetime
+) -> dict[str, Any] | None:
+    """The peak minute of the next 24 hours from `now` over rows with their weights,
+    planned as the job plans them; warned about when it is too long (`warn_peak`).
+    Invalid rows are left out."""
+    window = Window.next_day(now)
+    counts: dict[dt.datetime, int] = {}
+    for row, weight in groups:
+        try:
+            setting = parse_row(row, config.default_timezone, None)
+        except InvalidRow:
+            continue
+        if setting is not None:
+            count_minutes(setting, window, counts, weight)
+    peak = peak_minute(counts, config)
+    warn_peak(peak, config)
+    return peak
+
+
+def check(
+    config: Config, out: Callable[[str], None], now: dt.datetime | None = None
+) -> CheckSummary:
+    """Validate the schema, the grants and every active row of this shard, streamed,
+    and find the peak minute of the next 24 hours from `now` among the valid ones.
 
     Writes nothing and contacts no Cloud Tasks endpoint. Prints one JSON line per
     invalid row. Raises SetupError for a missing table, column or grant.
     """
+    now = now or dt.datetime.now(UTC)
+    window = Window.next_day(now)
+    per_minute: dict[dt.datetime, int] = {}
     summary = CheckSummary(shard=f"{config.task_index}/{config.task_count}")
     with contextlib.ExitStack() as stack:
         try:
@@ -2140,7 +2421,9 @@ def check(config: Config, out: Callable[[str], None]) -> CheckSummary:
                 row = UserRow(*values)
                 summary.users_checked += 1
                 try:
-                    parse_row(row, config.default_timezone, config.phone_region)
+                    setting = parse_row(row, config.default_timezone, config.phone_region)
+                    if setting is not None:
+                        count_minutes(setting, window, per_minute)
                 except InvalidRow as reason:
                     summary.rows_invalid += 1
                     for counts, key in (
@@ -2159,6 +2442,9 @@ def check(config: Config, out: Callable[[str], None]) -> CheckSummary:
             summary.error = str(exc)
         except pymysql.err.MySQLError as exc:
             summary.error = f"lost the database while checking users: {exc}"
+    if summary.error is None:
+        summary.peak_minute = peak_minute(per_minute, config)
+        warn_peak(summary.peak_minute, config)
     for problem in summary.problems:
         log.error("%s", problem)
     if summary.error:
@@ -2264,7 +2550,7 @@ def main(
     summary: RunSummary | CheckSummary
     try:
         if args.check:
-            summary = check(config, out)
+            summary = check(config, out, now)
         else:
             summary = run(
                 config,

@@ -35,6 +35,7 @@ CREATE TABLE IF NOT EXISTS scheduled_calls (
   state       ENUM('planned', 'deleting', 'deleted') NOT NULL
               COMMENT 'planned = given to the call, deleting = being deleted (may have run), deleted = surely deleted before its time',
   reason      VARCHAR(200) NULL COMMENT 'why it was deleted',
+  queue       VARCHAR(100) NULL COMMENT 'the Cloud Tasks queue the task belongs to, fixed by the first writer, NULL = CLOUD_TASKS_QUEUE',
   called_at   DATETIME     NULL COMMENT 'for the webhook: when it placed the call (the job never sets it)',
   updated_at  TIMESTAMP    NOT NULL DEFAULT CURRENT_TIMESTAMP ON UPDATE CURRENT_TIMESTAMP,
   -- The job reads one window of calls (call_at range) and purges old ones by call_at.

@@ -196,6 +196,12 @@ def test_the_migrations_bring_an_old_database_to_schema_sql(
     assert "migrations/002_users_pauses.sql" in second.stderr
     assert tasks_server.rpcs == []  # nothing was done before the schema was right
     apply(old_db, "migrations/002_users_pauses.sql")
+    third = run_job(["--now", NOW], env)
+    assert third.code == 2
+    assert "table scheduled_calls is missing or has old columns" in third.stderr
+    assert "migrations/003_scheduled_calls_queue.sql" in third.stderr
+    assert tasks_server.rpcs == []
+    apply(old_db, "migrations/003_scheduled_calls_queue.sql")
     assert shape(old_db) == shape(db)
     assert run_job(["--now", NOW], env).summary["tasks_created"] == 1
 
