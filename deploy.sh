@@ -452,7 +452,8 @@ report_leftover_queues() {
     ((wanted)) && continue
     depth="$(queue_depth "${name}")" || fail "cannot count the tasks of queue ${name}"
     log "queue ${name} is no longer used by the job; its ${depth} pending task(s) still run" \
-      "on time. Delete it once it is empty: gcloud tasks queues delete ${name} --location=${REGION} --project=${GOOGLE_CLOUD_PROJECT}"
+      "on time, and calls recorded on it are kept there. Delete it once it is empty and the" \
+      "job has run 2 h 15 min with the new settings: gcloud tasks queues delete ${name} --location=${REGION} --project=${GOOGLE_CLOUD_PROJECT}"
   done
 }
 
