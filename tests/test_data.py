@@ -269,10 +269,12 @@ def test_check_of_a_clean_table_exits_0_and_contacts_no_cloud_tasks(db: Database
         db, GOOGLE_CLOUD_PROJECT="p", CLOUD_TASKS_EMULATOR_HOST="127.0.0.1:9"
     )
     assert code == 0, stderr
-    assert lines == [
-        {"users_checked": 49, "rows_invalid": 0, "invalid_by_column": {}, "invalid_by_reason": {},
-         "problems": [], "shard": "0/1", "error": None}
-    ]  # fmt: skip
+    [summary] = lines
+    peak = summary.pop("peak_minute")  # type: ignore[union-attr]
+    # The real clock: within 24 hours of a weekend day or holiday, all 49 share 10:00.
+    assert peak is None or peak["calls"] == 49
+    assert summary == {"users_checked": 49, "rows_invalid": 0, "invalid_by_column": {},
+                       "invalid_by_reason": {}, "problems": [], "shard": "0/1", "error": None}  # fmt: skip
 
 
 def test_check_names_a_missing_column_grant_or_index(db: Database) -> None:
