@@ -360,9 +360,9 @@ class TextFormatter(logging.Formatter):
         return line
 
 
-def setup_logging(level: str, as_json: bool) -> None:
-    """Send the job's logs to stderr in the chosen format."""
-    handler = logging.StreamHandler(sys.stderr)
+def setup_logging(level: str, as_json: bool, stream: Any = None) -> None:
+    """Send the job's logs to `stream` (default stderr) in the chosen format."""
+    handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if as_json else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -2201,6 +2201,7 @@ def run(
     tasks_client: Any,
     stop: threading.Event,
     out: Callable[[str], None],
+    clock: Clock | None = None,
 ) -> RunSummary:
     """One whole run: check and load the call record, list the queue, stream rows and
     plan them, record and enqueue (or print) each call, then delete the stale tasks of
@@ -2209,9 +2210,12 @@ def run(
     Raises SetupError, before any task is touched, when a table or grant is missing.
     """
     started = time.monotonic()
+    injected = clock
 
-    def clock() -> dt.datetime:
+    def job_clock() -> dt.datetime:
         """The job's own clock: `now` plus the time this run has taken so far."""
+        if injected is not None:
+            return injected()
         return now + dt.timedelta(seconds=time.monotonic() - started)
 
     window = Window.around(now, config.grace, config.lookahead)
@@ -2247,7 +2251,7 @@ def run(
                     return summary
                 if (waited := time.monotonic() - waiting) > 1:
                     # Plan for when the run really begins, not for when it was started.
-                    now, started = clock(), time.monotonic()
+                    now, started = job_clock(), time.monotonic()
                     window = Window.around(now, config.grace, config.lookahead)
                     summary.window_start = window.start.isoformat()
                     summary.window_end = window.end.isoformat()
@@ -2294,7 +2298,7 @@ def run(
                 for call, choice in batch:
                     out(json.dumps(call.plan_line(choice.alternative)))
         else:
-            enqueue(sinks, batches, record, config, summary, stop, clock)
+            enqueue(sinks, batches, record, config, summary, stop, job_clock)
         rows.close()
         if dry_run and summary.error is None and not stop.is_set():
             try:
@@ -2311,7 +2315,7 @@ def run(
                 stale,
                 config=config,
                 summary=summary,
-                clock=clock,
+                clock=job_clock,
                 out=out if dry_run else None,
             )
         if not dry_run and config.task_index == 0 and not stop.is_set():
@@ -2475,7 +2479,10 @@ def main(
     *,
     env: Mapping[str, str] | None = None,
     now: dt.datetime | None = None,
+    clock: Clock | None = None,
     tasks_client: Any = None,
+    stdout: Any = None,
+    stderr: Any = None,
 ) -> int:
     """Run the job once and return its exit code (0 ok, 1 runtime failure, 2 usage).
 
@@ -2528,7 +2535,9 @@ def main(
         except ValueError:
             print(f"anpi-call-scheduler: --now {args.now!r} is not ISO 8601", file=sys.stderr)
             return 2
-    setup_logging(config.log_level, config.log_json)
+    setup_logging(config.log_level, config.log_json, stderr)
+    if clock is not None and now is None:
+        now = clock()
 
     stop, signalled = threading.Event(), threading.Event()
 
@@ -2540,16 +2549,18 @@ def main(
         stop.set()
         signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C ends the process at once
 
+    previous = {}
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous[signum] = signal.signal(signum, on_signal)
 
-    try:
-        # Buffered even under PYTHONUNBUFFERED (set in the image for the logs): a dry run
-        # can print a hundred thousand plan lines.
-        stdout: Any = open(sys.stdout.fileno(), "w", 1 << 16, "utf-8", closefd=False)  # noqa: SIM115
-    except (AttributeError, OSError, ValueError):  # no real file behind sys.stdout
-        stdout = sys.stdout
+    if stdout is None:
+        try:
+            # Buffered even under PYTHONUNBUFFERED (set in the image for the logs): a dry
+            # run can print a hundred thousand plan lines.
+            stdout = open(sys.stdout.fileno(), "w", 1 << 16, "utf-8", closefd=False)  # noqa: SIM115
+        except (AttributeError, OSError, ValueError):  # no real file behind sys.stdout
+            stdout = sys.stdout
 
     def out(line: str) -> None:
         stdout.write(line + "\n")
@@ -2566,6 +2577,7 @@ def main(
                 tasks_client=tasks_client,
                 stop=stop,
                 out=out,
+                clock=clock,
             )
     except SetupError as exc:  # a missing table or grant: nothing was done
         log.critical("%s", exc)
@@ -2573,6 +2585,9 @@ def main(
     except Exception:  # the one catch-all: report, never die without a summary
         log.exception("unexpected error")
         summary = (CheckSummary if args.check else RunSummary)(error="unexpected error (see log)")
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     if isinstance(summary, RunSummary):
         summary.interrupted = signalled.is_set()
     out(json.dumps(dataclasses.asdict(summary), ensure_ascii=False))

@@ -1,9 +1,13 @@
-"""Shared fixtures: a real MariaDB database per test, the in-tests Cloud Tasks server,
-and a helper that runs the job as a subprocess with a clean environment."""
+"""Shared fixtures and helpers: a real MariaDB database per test, the in-tests Cloud Tasks
+server, a virtual clock both the job and that server read, and the job run either
+in-process (`run_main`, the fast default) or as a subprocess (`run_job`, where the
+process itself is under test: exit codes, signals, SIGKILL, .env, JSON logs)."""
 
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
+import io
 import json
 import os
 import subprocess
@@ -17,6 +21,7 @@ import pymysql
 import pytest
 from hypothesis import settings
 
+import main
 from tests.fake_cloud_tasks import FakeCloudTasks
 from tests.localdb import local_server, schema_statements
 
@@ -31,6 +36,35 @@ SCHEMA = (ROOT / "schema.sql").read_text()
 PROJECT = "test-project"
 QUEUE_PATH = f"projects/{PROJECT}/locations/asia-northeast1/queues/anpi-call-queue"
 CALL_URL = "http://127.0.0.1:9/call"
+JST = dt.timezone(dt.timedelta(hours=9))
+UTC = dt.UTC
+
+
+def at(hour: int, minute: int = 0, second: int = 0, day: int = 30) -> dt.datetime:
+    """An instant on 2026-11-`day` in JST (the 30th is a Monday)."""
+    return dt.datetime(2026, 11, day, hour, minute, second, tzinfo=JST)
+
+
+def tid(user_id: int, when: dt.datetime, alternative: int = 0) -> str:
+    """The job's task id of a call."""
+    return main.task_id(user_id, when.astimezone(UTC), alternative)
+
+
+class VirtualClock:
+    """A settable clock: the job reads it as its `clock`, the in-tests server as seconds."""
+
+    def __init__(self, start: dt.datetime) -> None:
+        self.now = start
+
+    def __call__(self) -> dt.datetime:
+        return self.now
+
+    def seconds(self) -> float:
+        return self.now.timestamp()
+
+    def advance(self, **delta: float) -> dt.datetime:
+        self.now += dt.timedelta(**delta)
+        return self.now
 
 
 def _database_server() -> dict[str, Any]:
@@ -179,6 +213,34 @@ def run_job(
         timeout=timeout,
     )
     return JobResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+def run_main(
+    args: Sequence[str],
+    env: dict[str, str],
+    clock: VirtualClock | None = None,
+    tasks_client: Any = None,
+) -> JobResult:
+    """Run the job in this process through `main.main`, on `clock` when given."""
+    out, err = io.StringIO(), io.StringIO()
+    code = main.main(
+        list(args), env=env, clock=clock, tasks_client=tasks_client, stdout=out, stderr=err
+    )
+    return JobResult(code, out.getvalue(), err.getvalue())
+
+
+def kill_connections(db: Database) -> int:
+    """KILL every connection to `db` but this helper's own: a network blip or a Cloud SQL
+    failover as the job sees it. Returns how many were killed."""
+    with _admin() as conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT ID FROM information_schema.PROCESSLIST WHERE DB = %s AND ID != CONNECTION_ID()",
+            (db.name,),
+        )
+        ids = [row[0] for row in cur.fetchall()]
+        for connection_id in ids:
+            cur.execute(f"KILL CONNECTION {int(connection_id)}")
+    return len(ids)
 
 
 def start_job(args: Sequence[str], env: dict[str, str]) -> subprocess.Popen[str]:

@@ -16,8 +16,10 @@ due. Each execution is recorded and leaves the name refused for an hour.
 Fault knobs (all off by default) let tests drive the job's error handling: fail the
 first N creates, fail a random fraction, store-then-time-out, permanent errors for
 chosen users, an outage of chosen methods after N more successful calls, a missing
-queue, and added latency per RPC. `on_rpc` runs after an RPC took effect and before
-its answer is sent (a test can kill the job there).
+queue, and added latency per RPC. `before_rpc` runs before an RPC takes effect (a test
+can hold it there: a slow request that lands late); `on_rpc` runs after an RPC took
+effect and before its answer is sent (a test can kill the job there). `hidden` names
+tasks that ListTasks leaves out, as a listing does when tasks run between its pages.
 """
 
 from __future__ import annotations
@@ -96,7 +98,9 @@ class FakeCloudTasks:
         self.faults = Faults()
         self.executions: list[Execution] = []
         self.dispatch = dispatch
+        self.before_rpc: Callable[[str, Any], None] | None = None
         self.on_rpc: Callable[[str], None] | None = None
+        self.hidden: set[str] = set()  # task names ListTasks leaves out
         self.tombstone_seconds = tombstone_seconds
         self._clock = clock
         self._random = random.Random(seed)
@@ -192,6 +196,8 @@ class FakeCloudTasks:
         def handler(request: Any, context: grpc.ServicerContext) -> Any:
             if delay := self.faults.latency + self.faults.method_latency.get(method, 0.0):
                 time.sleep(delay)
+            if self.before_rpc is not None:
+                self.before_rpc(method, request)
             if self.dispatch:
                 self.run_due()
             name = getattr(request, "name", "") or getattr(request, "parent", "")
@@ -291,7 +297,11 @@ class FakeCloudTasks:
         size = min(request.page_size or 1000, 1000)
         start = int(request.page_token or 0)
         with self._lock:
-            names = sorted(n for n in self.tasks if n.startswith(request.parent + "/tasks/"))
+            names = sorted(
+                n
+                for n in self.tasks
+                if n.startswith(request.parent + "/tasks/") and n not in self.hidden
+            )
             page = [tasks_v2.Task(self.tasks[n]) for n in names[start : start + size]]
         if request.response_view != tasks_v2.Task.View.FULL:
             for task in page:

@@ -23,32 +23,24 @@ import main
 from tests.conftest import (
     DB_SETTINGS,
     QUEUE_PATH,
+    SCHEMA,
     Database,
     JobResult,
+    VirtualClock,
+    at,
+    create_database,
+    drop_database,
     job_env,
+    kill_connections,
     run_job,
+    run_main,
+    tid,
 )
 from tests.fake_cloud_tasks import FakeCloudTasks
 from tests.tcp_proxy import TcpProxy
 
 JST = dt.timezone(dt.timedelta(hours=9))
 UTC = dt.UTC
-
-
-def at(hour: int, minute: int = 0, second: int = 0) -> dt.datetime:
-    return dt.datetime(2026, 11, 30, hour, minute, second, tzinfo=JST)  # a Monday
-
-
-def tid(user_id: int, when: dt.datetime, alternative: int = 0) -> str:
-    return main.task_id(user_id, when.astimezone(UTC), alternative)
-
-
-class VirtualClock:
-    def __init__(self, start: dt.datetime) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now.timestamp()
 
 
 @pytest.fixture
@@ -58,7 +50,7 @@ def clock() -> VirtualClock:
 
 @pytest.fixture
 def dispatching(clock: VirtualClock) -> collections.abc.Iterator[FakeCloudTasks]:
-    server = FakeCloudTasks(clock=clock, dispatch=True).start()
+    server = FakeCloudTasks(clock=clock.seconds, dispatch=True).start()
     try:
         yield server
     finally:
@@ -512,3 +504,185 @@ def test_a_run_waits_for_another_run_of_its_shard(
     assert time.monotonic() - started > 2.5
     assert "waited" in result.stderr and result.summary["tasks_created"] == 2
     assert dt.datetime.fromisoformat(result.summary["window_start"]) > at(7, 45, 2)
+
+
+# -- part-way failures a fresh review reproduced ------------------------------------------
+# Each runs the job in-process on a virtual clock that the dispatching server shares.
+
+
+def on(db: Database, server: FakeCloudTasks, **env: str) -> dict[str, str]:
+    return job_env(db, server, ENQUEUE_DEADLINE_SECONDS="1", **env)
+
+
+def hold_first(server: FakeCloudTasks, method: str) -> tuple[threading.Event, threading.Event]:
+    """Hold the first `method` call before it takes effect: (reached, release)."""
+    reached, release = threading.Event(), threading.Event()
+    held: list[bool] = []
+
+    def hook(name: str, _request: object) -> None:
+        if name == method and not held:
+            held.append(True)
+            reached.set()
+            assert release.wait(30)
+
+    server.before_rpc = hook
+    return reached, release
+
+
+def test_a_reshard_after_a_failed_delete_keeps_the_call(
+    db: Database, dispatching: FakeCloudTasks, clock: VirtualClock
+) -> None:
+    """08:00 one shard creates user 7's 08:40 task; the user moves it to 09:30 and the
+    08:05 delete fails; the user moves it back and the service goes to two shards with a
+    queue each. The 08:10 run of shard 1/2 finds the 08:40 task on the old queue and
+    keeps it: it must not then delete it as a duplicate of an id it never created."""
+    users_at(db, "08:40", range(7, 8))
+    assert run_main([], on(db, dispatching), clock).code == 0
+    db.execute("UPDATE users SET call_time = '09:30' WHERE id = 7")
+    clock.now = at(8, 5)
+    dispatching.faults.method_errors["DeleteTask"] = grpc.StatusCode.UNAVAILABLE
+    failed = run_main([], on(db, dispatching), clock)
+    assert failed.code == 1 and failed.summary["deletes_failed"] == 1
+    del dispatching.faults.method_errors["DeleteTask"]
+    db.execute("UPDATE users SET call_time = '08:40' WHERE id = 7")
+    clock.now = at(8, 10)
+    shards = dict(CLOUD_RUN_TASK_COUNT="2", QUEUE_PER_SHARD="1")
+    for index in (0, 1):
+        result = run_main([], on(db, dispatching, CLOUD_RUN_TASK_INDEX=str(index), **shards), clock)
+        assert result.code == 0, result.stderr
+    clock.now = at(10)
+    dispatching.run_due()
+    assert executions(dispatching) == {(7, "2026-11-30T08:40:00+09:00"): 1}
+
+
+def test_a_run_that_lost_its_lock_cannot_leave_a_stale_call_behind(
+    db: Database, dispatching: FakeCloudTasks, clock: VirtualClock
+) -> None:
+    """Run A records user 5's 09:00 call; its create is slow. The user moves the call to
+    09:30 and A's connections drop, which frees its lock. Run B plans 09:30; then A's
+    create lands. Nobody may be called at 09:00."""
+    users_at(db, "09:00", range(5, 6))
+    reached, release = hold_first(dispatching, "CreateTask")
+    a_result: list[JobResult] = []
+    a = threading.Thread(target=lambda: a_result.append(run_main([], on(db, dispatching), clock)))
+    a.start()
+    try:
+        assert reached.wait(30)
+        db.execute("UPDATE users SET call_time = '09:30' WHERE id = 5")
+        assert kill_connections(db) >= 1
+        clock.now = at(8, 1)
+        b = run_main([], on(db, dispatching), clock)
+        assert b.code == 0, b.stderr
+    finally:
+        release.set()
+        a.join(60)
+    clock.now = at(10)
+    dispatching.run_due()
+    assert executions(dispatching) == {(5, "2026-11-30T09:30:00+09:00"): 1}
+    assert a_result and a_result[0].code == 1  # it could not finish what it began
+
+
+def test_a_run_that_lost_its_lock_cannot_delete_a_wanted_call(
+    db: Database, dispatching: FakeCloudTasks, clock: VirtualClock
+) -> None:
+    """Run A marks user 5's 09:00 task deleting; its DeleteTask is slow. The user moves
+    the call back to 09:00 and A's connections drop. Run B finds the task still listed;
+    then A's delete lands. The 09:00 call must still be made, once."""
+    users_at(db, "09:00", range(5, 6))
+    assert run_main([], on(db, dispatching), clock).code == 0
+    db.execute("UPDATE users SET call_time = '09:30' WHERE id = 5")
+    clock.now = at(8, 5)
+    reached, release = hold_first(dispatching, "DeleteTask")
+    a_result: list[JobResult] = []
+    a = threading.Thread(target=lambda: a_result.append(run_main([], on(db, dispatching), clock)))
+    a.start()
+    try:
+        assert reached.wait(30)
+        db.execute("UPDATE users SET call_time = '09:00' WHERE id = 5")
+        assert kill_connections(db) >= 1
+        clock.now = at(8, 6)
+        b = run_main([], on(db, dispatching), clock)
+        assert b.code == 0, b.stderr
+    finally:
+        release.set()
+        a.join(60)
+    clock.now = at(10)
+    dispatching.run_due()
+    assert executions(dispatching) == {(5, "2026-11-30T09:00:00+09:00"): 1}
+
+
+@pytest.mark.parametrize("typo", ["9時", "", "9:3"])
+def test_a_typo_in_a_text_call_time_keeps_the_call_and_is_reported(
+    clock: VirtualClock, dispatching: FakeCloudTasks, typo: str
+) -> None:
+    db = create_database(SCHEMA.replace("call_time     TIME", "call_time     VARCHAR(16)"))
+    try:
+        users_at(db, "09:00", range(1, 2))
+        assert run_main([], on(db, dispatching), clock).summary["tasks_created"] == 1
+        db.execute("UPDATE users SET call_time = %s WHERE id = 1", (typo,))
+        clock.now = at(8, 10)
+        result = run_main([], on(db, dispatching), clock)
+    finally:
+        drop_database(db)
+    assert result.code == 0, result.stderr
+    assert (result.summary["rows_invalid"], result.summary["tasks_deleted"]) == (1, 0)
+    [line] = [ln for ln in result.stderr.splitlines() if "invalid row skipped" in ln]
+    assert "ERROR" in line and "column=call_time" in line and "user_id=1" in line
+    assert dispatching.task_ids() == [tid(1, at(9))]
+
+
+def test_the_run_lock_wait_is_not_cut_short_by_the_read_timeout(
+    db: Database, tasks_server: FakeCloudTasks
+) -> None:
+    """DB_READ_TIMEOUT bounds each query, not the wait for another run of the shard."""
+    users_at(db, "09:00", range(1, 3))
+    env = job_env(db, tasks_server, DB_READ_TIMEOUT="1")
+    name = main.run_lock_name(main.Config.from_env(env))
+    holder = db.connect()
+    try:
+        with holder.cursor() as cur:
+            cur.execute("SELECT GET_LOCK(%s, 0)", (name,))
+        threading.Timer(2.5, holder.close).start()
+        result = run_main([], env, VirtualClock(at(8)))
+    finally:
+        with contextlib.suppress(pymysql.err.Error):
+            holder.close()
+    assert result.code == 0, result.stderr
+    assert "waited" in result.stderr and result.summary["tasks_created"] == 2
+
+
+def test_a_time_moved_back_after_the_call_ran_gives_no_second_call_that_day(
+    db: Database, dispatching: FakeCloudTasks, clock: VirtualClock
+) -> None:
+    """The 09:30 call runs; at 09:32 the family sets 09:20 and a run at 09:33 has 09:20
+    in its grace. At most one call per row and local date."""
+    users_at(db, "09:30", range(1, 2))
+    clock.now = at(9)
+    assert run_main([], on(db, dispatching), clock).code == 0
+    clock.now = at(9, 32)
+    dispatching.run_due()
+    db.execute("UPDATE users SET call_time = '09:20' WHERE id = 1")
+    clock.now = at(9, 33)
+    result = run_main([], on(db, dispatching), clock)
+    assert result.code == 0, result.stderr
+    clock.now = at(12)
+    dispatching.run_due()
+    assert executions(dispatching) == {(1, "2026-11-30T09:30:00+09:00"): 1}
+
+
+def test_a_stale_task_the_listing_misses_is_still_deleted(
+    db: Database, dispatching: FakeCloudTasks, clock: VirtualClock
+) -> None:
+    """ListTasks can leave out tasks while others run between its pages: the record
+    still names the task, so the run deletes it."""
+    users_at(db, "09:00", range(1, 2))
+    assert run_main([], on(db, dispatching), clock).code == 0
+    db.execute("UPDATE users SET is_active = 0")
+    dispatching.hidden.add(f"{QUEUE_PATH}/tasks/{tid(1, at(9))}")
+    clock.now = at(8, 10)
+    result = run_main([], on(db, dispatching), clock)
+    assert result.code == 0, result.stderr
+    assert result.summary["tasks_deleted"] == 1
+    clock.now = at(10)
+    dispatching.run_due()
+    assert executions(dispatching) == {}
