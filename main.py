@@ -1,11 +1,12 @@
 """anpi-call-scheduler: turn users' safety-check call settings into Cloud Tasks.
 
-Reads every active user whose call can fall in [now - GRACE, now + LOOKAHEAD) from
-MySQL, works out each call's exact instant in the user's zone (JST by default), records
-the task id it gives each call in `scheduled_calls`, then creates that Cloud Tasks HTTP
-task; at the call's instant the task POSTs to the call webhook.
+Reads the active users whose call can fall in its window from MySQL, works out each
+call's instant in the user's zone (JST by default), records the task id it gives each
+call in `scheduled_calls`, then creates that Cloud Tasks HTTP task, which POSTs to the
+call webhook at the call's instant. Hourly runs also list the queue; quick runs
+(--changes, every minute) act on what changed, from the job's own record.
 
-Run: python main.py [--dry-run | --check] [--now ISO8601]   (settings: environment or .env)
+Run: python main.py [--dry-run | --check] [--changes] [--now ISO8601]   (settings: env or .env)
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime as dt
+import enum
 import functools
 import hashlib
 import ipaddress
@@ -29,9 +31,9 @@ import time
 import unicodedata
 import urllib.parse
 import zoneinfo
-from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple, TypeVar
 
 import jpholiday
@@ -40,7 +42,6 @@ import pymysql
 from dotenv import dotenv_values
 from google.api_core import exceptions as gexc
 from google.api_core import retry as retries
-from google.api_core import timeout as timeouts
 from google.auth import exceptions as auth_exceptions
 
 UTC = dt.UTC
@@ -50,8 +51,7 @@ DAY_SECONDS = 86_400
 # deleted; planning never reaches further back than that, so re-creating the recorded
 # id of a call that already ran meets ALREADY_EXISTS instead of calling twice.
 MAX_GRACE_MINUTES = 60
-# A task due this close to the job's clock may be firing already: never deleted, and a
-# refused name of it is taken as "ran" rather than "deleted by someone else".
+# A task due this close to the job's clock may be firing already (see `Placement`).
 FIRING_MARGIN = dt.timedelta(seconds=60)
 # Ids a call may be given (0 = base id, n = "-rN"); past this something is deleting
 # the job's tasks in a loop, and the call fails loudly instead.
@@ -59,12 +59,22 @@ MAX_ALTERNATIVE = 20
 # A recorded id is created again only while Cloud Tasks surely still refuses its name
 # if it ran (about an hour): older, "ran" and "never created" look alike.
 MAX_RECREATE_AGE = dt.timedelta(minutes=50)
-# How long a run waits for another run of its shard to finish (see `CallRecord.lock`).
-RUN_LOCK_WAIT_SECONDS = 120
-# Rows per scheduled_calls write, and per retention DELETE.
+# A quick run waits at most this long for another run of its shard, then skips: the
+# next minute's quick run catches up.
+QUICK_LOCK_WAIT_SECONDS = 30
+# How far back a run looks for calls that no complete run covered.
+MAX_AUDIT = dt.timedelta(hours=24)
+# Every local date of any zone lies within this of each of its instants (a day of 25
+# hours at a DST change, zones of half hours).
+DAY_REACH = dt.timedelta(hours=26)
+# Each Cloud Tasks attempt waits at most this long for its answer.
+ATTEMPT_SECONDS = 10.0
+# Rows per scheduled_calls write, per point lookup of users, per retention DELETE.
 RECORD_BATCH = 500
 PURGE_BATCH = 5000
 PURGE_MAX_BATCHES = 50
+# How long job_runs keeps a run: the audit reaches 24 hours back.
+RUN_HISTORY_DAYS = 3
 # schedule_time may be at most 30 days ahead.
 MAX_LOOKAHEAD_MINUTES = 30 * 24 * 60
 TASK_ID_RE = re.compile(r"^([0-9a-f]{8})-anpi-(-?\d+)-(\d{8}T\d{6}Z)(?:-r(\d+))?$")
@@ -73,20 +83,62 @@ TASK_ID_RE = re.compile(r"^([0-9a-f]{8})-anpi-(-?\d+)-(\d{8}T\d{6}Z)(?:-r(\d+))?
 # The dashes: U+30FC (the long-vowel mark an IME types), U+2010-U+2015, U+2212.
 PHONE_SEPARATORS = re.compile("[\\s().\\-\u30fc\u2010-\u2015\u2212]")
 PHONE_CHARS = re.compile(r"\+?[0-9]+")
+E164_RE = re.compile(r"\+[1-9][0-9]{6,14}")
 CLOCK_RE = re.compile(r"([0-9]{1,2}):([0-9]{2})(?::([0-9]{2}))?")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("auto", "json", "text")
 
 log = logging.getLogger("anpi")
+Clock = Callable[[], dt.datetime]  # the job's clock: aware UTC instants
+
+
+# ---------------------------------------------------------------------------
+# Errors: one root, each kind carrying the exit code `main` returns for it
+# ---------------------------------------------------------------------------
+
+
+class JobError(Exception):
+    """A failure that ends the run, or the part of it that met the failure."""
+
+    exit_code = 1
+
+
+class UsageError(JobError):
+    """A bad command line: nothing was done."""
+
+    exit_code = 2
+
+
+class ConfigError(UsageError):
+    """One or more settings are missing or malformed; the message names each."""
+
+
+class SetupError(JobError):
+    """The database lacks a table, a column or a grant the job needs: nothing was done."""
+
+    exit_code = 2
+
+
+class DatabaseError(JobError):
+    """The database could not be reached or stopped answering."""
+
+
+class LockLost(DatabaseError):
+    """The run no longer holds its shard's run lock: another run may act meanwhile."""
+
+
+class QueueError(JobError):
+    """A Cloud Tasks error that every further call would meet too (no queue, no
+    credentials)."""
+
+
+class NoCredentialsError(QueueError):
+    """No Google credentials at all: the usual state of a laptop, not of Cloud Run."""
 
 
 # ---------------------------------------------------------------------------
 # Configuration
 # ---------------------------------------------------------------------------
-
-
-class ConfigError(Exception):
-    """One or more settings are missing or malformed; the message names each."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,16 +176,17 @@ class Config:
     queue_per_shard: bool = False
     queue_max_dispatches_per_second: float = 10.0
     peak_warn_minutes: float = 5.0
+    run_lock_wait_seconds: int = 120
+
+    @property
+    def shard(self) -> Shard:
+        return Shard(self.task_index, self.task_count)
 
     @property
     def queue_name(self) -> str:
         """This shard's queue: CLOUD_TASKS_QUEUE, or `{CLOUD_TASKS_QUEUE}-{i}` with
         QUEUE_PER_SHARD=1."""
         return f"{self.queue}-{self.task_index}" if self.queue_per_shard else self.queue
-
-    @property
-    def queue_path(self) -> str:
-        return self.path_of(self.queue_name)
 
     def path_of(self, queue_name: str) -> str:
         """The full name of a queue of this project and location."""
@@ -174,6 +227,12 @@ class Config:
                 errors.append(f"{name}={raw!r} must be a number above 0 and at most {high:g}")
                 return default
             return value
+
+        def switch(name: str, default: str, meaning: str) -> bool:
+            value = text(name, default)
+            if value not in ("0", "1"):
+                errors.append(f"{name}={value!r} must be {meaning}")
+            return value == "1"
 
         project = text("GOOGLE_CLOUD_PROJECT")
         call_url = text("ANPI_CALL_URL")
@@ -233,15 +292,6 @@ class Config:
         log_json = log_format == "json" or (log_format == "auto" and "CLOUD_RUN_JOB" in env)
 
         rate = integer("ENQUEUE_MAX_PER_SECOND", 500, 0, 100_000)
-        reconcile = text("RECONCILE", "1")
-        if reconcile not in ("0", "1"):
-            errors.append(f"RECONCILE={reconcile!r} must be 1 (on) or 0 (off)")
-        queue_per_shard = text("QUEUE_PER_SHARD", "0")
-        if queue_per_shard not in ("0", "1"):
-            errors.append(
-                f"QUEUE_PER_SHARD={queue_per_shard!r} must be 1 (shard i uses"
-                " CLOUD_TASKS_QUEUE-i) or 0 (every shard uses CLOUD_TASKS_QUEUE)"
-            )
         config = cls(
             project=project,
             location=text("CLOUD_TASKS_LOCATION", "asia-northeast1") or "",
@@ -270,12 +320,17 @@ class Config:
             # 0 lifts the cap (benchmarks); Cloud Tasks asks for ramp-up above 500/s.
             enqueue_max_per_second=float(rate),
             enqueue_deadline_seconds=integer("ENQUEUE_DEADLINE_SECONDS", 60, 1, 600),
-            reconcile=reconcile != "0",
+            reconcile=switch("RECONCILE", "1", "1 (on) or 0 (off)"),
             retention=dt.timedelta(days=integer("SCHEDULED_CALLS_RETENTION_DAYS", 35, 2, 3650)),
-            queue_per_shard=queue_per_shard == "1",
+            queue_per_shard=switch(
+                "QUEUE_PER_SHARD",
+                "0",
+                "1 (shard i uses CLOUD_TASKS_QUEUE-i) or 0 (every shard uses CLOUD_TASKS_QUEUE)",
+            ),
             # What deploy.sh sets on the queue; Cloud Tasks allows at most 500.
             queue_max_dispatches_per_second=number("QUEUE_MAX_DISPATCHES_PER_SECOND", 10, 500),
             peak_warn_minutes=number("PEAK_WARN_MINUTES", 5, 24 * 60),
+            run_lock_wait_seconds=integer("RUN_LOCK_WAIT_SECONDS", 120, 1, 3600),
         )
         if errors:
             raise ConfigError("invalid configuration: " + "; ".join(errors))
@@ -331,7 +386,8 @@ _RECORD_FIELDS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line with Cloud Logging's `severity` and `message`."""
+    """One JSON object per line with Cloud Logging's `severity`, `message` and an RFC
+    3339 UTC `time`."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
@@ -347,12 +403,17 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
-    """`time LEVEL message key=value ...` for a terminal."""
+    """`time LEVEL message key=value ...` for a terminal, the time in DEFAULT_TIMEZONE
+    with its offset, as the plan's times are."""
+
+    def __init__(self, zone: zoneinfo.ZoneInfo) -> None:
+        super().__init__()
+        self._zone = zone
 
     def format(self, record: logging.LogRecord) -> str:
         fields = " ".join(f"{k}={v}" for k, v in vars(record).items() if k not in _RECORD_FIELDS)
-        stamp = dt.datetime.fromtimestamp(record.created).strftime("%H:%M:%S")
-        line = f"{stamp} {record.levelname:<7} {record.getMessage()}"
+        stamp = dt.datetime.fromtimestamp(record.created, self._zone).strftime("%H:%M:%S%z")
+        line = f"{stamp[:8]}{stamp[8:11]}:{stamp[11:]} {record.levelname:<7} {record.getMessage()}"
         if fields:
             line += f"  {fields}"
         if record.exc_info:
@@ -360,13 +421,14 @@ class TextFormatter(logging.Formatter):
         return line
 
 
-def setup_logging(level: str, as_json: bool, stream: Any = None) -> None:
-    """Send the job's logs to `stream` (default stderr) in the chosen format."""
+def setup_logging(config: Config, stream: Any = None) -> None:
+    """Send the job's logs to `stream` (default stderr) in the configured format."""
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JsonFormatter() if as_json else TextFormatter())
+    formatter = JsonFormatter() if config.log_json else TextFormatter(config.default_timezone)
+    handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level)
+    root.setLevel(config.log_level)
 
 
 def mask_phone(value: object) -> str:
@@ -377,222 +439,8 @@ def mask_phone(value: object) -> str:
 
 
 # ---------------------------------------------------------------------------
-# Data source: MySQL / Cloud SQL
+# Domain: windows, shards, call settings, calls and their task ids
 # ---------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class UserRow:
-    """One `users` row as the driver returned it, before any validation."""
-
-    id: int
-    phone_number: object
-    call_weekdays: object
-    call_time: object
-    timezone: object
-    pause_from: object = None
-    pause_until: object = None
-
-
-USER_COLUMNS = "id, phone_number, call_weekdays, call_time, timezone, pause_from, pause_until"
-# Rows whose TIME lies outside a day are read too, so that they are reported invalid.
-OUT_OF_DAY_SQL = "call_time < CAST('00:00:00' AS TIME) OR call_time >= CAST('24:00:00' AS TIME)"
-
-
-# Worth another connect: 2002/2003 cannot connect, 2006/2013 lost, 1040 too many connections.
-# Anything else (a wrong password, 1045; an unknown database, 1049) fails at once.
-TRANSIENT_DB_ERRORS = (2002, 2003, 2006, 2013, 1040)
-
-
-class DatabaseError(Exception):
-    """The database could not be reached or stopped answering."""
-
-
-class SetupError(Exception):
-    """The database lacks a table, a column or a grant the job needs (exit 2)."""
-
-
-def connect(config: Config, *, streaming: bool) -> Any:
-    """Open a connection, retrying transient failures within DB_RETRY_SECONDS.
-
-    `streaming` gives the reader: an unbuffered cursor that rows stream through while
-    tasks are created. Otherwise the writer of `scheduled_calls`, with plain cursors.
-    """
-    kwargs: dict[str, Any] = {
-        "user": config.db_user,
-        "password": config.db_password,
-        "database": config.db_name,
-        "charset": "utf8mb4",
-        # PyMySQL reads the server's handshake with the read timeout: until connected,
-        # both are the connect timeout, so a server that accepts and stays silent (a
-        # Cloud SQL failover) costs one DB_CONNECT_TIMEOUT per attempt, not 60 s.
-        "connect_timeout": config.db_connect_timeout,
-        "read_timeout": config.db_connect_timeout,
-        "write_timeout": config.db_connect_timeout,
-        "cursorclass": pymysql.cursors.SSCursor if streaming else pymysql.cursors.Cursor,
-        "autocommit": True,
-    }
-    if streaming:
-        # Rows stream while tasks are created; a slow enqueue must not make the server
-        # give up on a reader that pauses (MySQL's default is 60 s).
-        kwargs["init_command"] = "SET SESSION net_write_timeout = 600"
-    if config.db_socket:
-        kwargs["unix_socket"] = config.db_socket
-    else:
-        kwargs["host"], kwargs["port"] = config.db_host, config.db_port
-
-    def transient(exc: BaseException) -> bool:
-        return isinstance(exc, pymysql.err.OperationalError) and exc.args[:1] in {
-            (code,) for code in TRANSIENT_DB_ERRORS
-        }
-
-    def warn(exc: BaseException) -> None:
-        log.warning("database not reachable yet, retrying: %s", exc)
-
-    retry = retries.Retry(
-        predicate=transient,
-        initial=0.5,
-        maximum=5.0,
-        multiplier=2.0,
-        timeout=config.db_retry_seconds,
-        on_error=warn,
-    )
-    try:
-        conn = retry(pymysql.connect)(**kwargs)
-    except gexc.RetryError as exc:
-        bound = config.db_retry_seconds + config.db_connect_timeout
-        raise DatabaseError(
-            f"cannot connect to the database within {bound:g}s"
-            f" (DB_RETRY_SECONDS + DB_CONNECT_TIMEOUT): {exc.cause}"
-        ) from exc
-    except pymysql.err.MySQLError as exc:
-        raise DatabaseError(f"cannot connect to the database: {exc}") from exc
-    # Connected: from here on each read and write waits up to DB_READ_TIMEOUT. PyMySQL
-    # has no public setter; it applies these attributes before every socket operation.
-    conn._read_timeout = conn._write_timeout = config.db_read_timeout
-    return conn
-
-
-def read_rows(conn: Any, config: Config, window: Window) -> Generator[UserRow, None, None]:
-    """Stream the active rows whose call can fall in `window`, this shard's only.
-
-    One query per distinct `timezone` value (see `zone_query`), each a range scan of
-    the index on (is_active, timezone, call_time), read through an unbuffered cursor.
-    All of them read one consistent snapshot, so a row whose zone changes meanwhile is
-    read exactly once.
-    """
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-            cur.execute("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
-            cur.execute("SELECT DISTINCT timezone FROM users WHERE is_active = 1")
-            zone_values = [value for (value,) in cur.fetchall()]
-        for value in zone_values:
-            cur = conn.cursor()
-            finished = False
-            try:
-                cur.execute(*zone_query(value, config, window))
-                for row in cur:
-                    yield UserRow(*row)
-                finished = True
-            finally:
-                if finished:
-                    cur.close()
-                else:
-                    _abandon(cur)
-        conn.commit()
-    except pymysql.err.MySQLError as exc:
-        raise DatabaseError(f"lost the database while reading users: {exc}") from exc
-
-
-def read_schedules(conn: Any, config: Config) -> Iterator[tuple[UserRow, int]]:
-    """Every active row of this shard, grouped by what schedules it, call times cut to
-    the minute: (a row standing for the group, its number of rows). For the peak
-    minute of a dry run, which reads only its window's rows otherwise.
-
-    Cutting the seconds moves no call out of its minute (see `count_minutes`).
-    Out-of-day times are left out (invalid).
-    """
-    sql = (
-        "SELECT timezone, call_weekdays, SEC_TO_TIME(TIME_TO_SEC(call_time) DIV 60 * 60) AS t,"
-        " pause_from, pause_until, COUNT(*) FROM users WHERE is_active = 1"
-        " AND call_time >= CAST('00:00:00' AS TIME) AND call_time < CAST('24:00:00' AS TIME)"
-    )
-    args: list[Any] = []
-    if config.task_count > 1:
-        sql += " AND MOD(MOD(id, %s) + %s, %s) = %s"
-        args += [config.task_count] * 3 + [config.task_index]
-    sql += " GROUP BY timezone, call_weekdays, t, pause_from, pause_until"
-    cur = conn.cursor()
-    finished = False
-    try:
-        cur.execute(sql, args)
-        for zone, weekdays, at, pause_from, pause_until, count in cur:
-            yield UserRow(0, None, weekdays, at, zone, pause_from, pause_until), count
-        finished = True
-    except pymysql.err.MySQLError as exc:
-        raise DatabaseError(f"lost the database while counting the peak minute: {exc}") from exc
-    finally:
-        if finished:
-            cur.close()
-        else:
-            _abandon(cur)
-
-
-def _abandon(cursor: Any) -> None:
-    """Drop an unbuffered result part-way without reading the rest.
-
-    PyMySQL would otherwise drain it on close or garbage collection, which is slow on a
-    live connection (a stop part-way) and raises on a lost one.
-    """
-    result = getattr(cursor, "_result", None)
-    if result is not None:
-        result.unbuffered_active = False
-
-
-def zone_query(zone_value: object, config: Config, window: Window) -> tuple[str, list[Any]]:
-    """SQL and arguments for the rows with this `timezone` value that can be due.
-
-    The `call_time` ranges come from `local_time_ranges`; rows whose TIME lies outside
-    a day, or whose zone is unknown, are selected too so that they are reported.
-    """
-    if zone_value is None:
-        zone_sql, args = "timezone IS NULL", []
-    else:
-        zone_sql, args = "timezone = %s", [zone_value]
-    try:
-        zone = parse_zone(zone_value, config.default_timezone)
-        ranges = local_time_ranges(zone, window)
-    except InvalidRow:
-        ranges = None
-    if ranges is None:
-        time_sql = "call_time IS NOT NULL"
-    else:
-        between = "(call_time >= CAST(%s AS TIME) AND call_time < CAST(%s AS TIME))"
-        time_sql = " OR ".join([between] * len(ranges) + [OUT_OF_DAY_SQL])
-        args += [_clock_text(seconds) for pair in ranges for seconds in pair]
-    sql = f"SELECT {USER_COLUMNS} FROM users WHERE is_active = 1 AND {zone_sql} AND ({time_sql})"
-    if config.task_count > 1:
-        # Python's modulo (never negative), so negative ids have a shard too.
-        sql += " AND MOD(MOD(id, %s) + %s, %s) = %s"
-        args += [config.task_count] * 3 + [config.task_index]
-    return sql, args
-
-
-def _clock_text(seconds: int) -> str:
-    """HH:MM:SS of a number of seconds (hours may exceed 23, as MySQL TIME's do)."""
-    return f"{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-# ---------------------------------------------------------------------------
-# Scheduling: pure functions of the rows, the window and nothing else
-# ---------------------------------------------------------------------------
-
-
-class InvalidRow(ValueError):
-    """A row that cannot be planned; the message is the reason (never the phone)."""
-
-    column = "row"  # set by `parse_row` to the column at fault
 
 
 @dataclasses.dataclass(frozen=True)
@@ -607,10 +455,40 @@ class Window:
         now = now.astimezone(UTC)
         return cls(now - grace, now + lookahead)
 
-    @classmethod
-    def next_day(cls, now: dt.datetime) -> Window:
-        """The 24 hours from `now`: where the peak minute is looked for."""
-        return cls.around(now, dt.timedelta(), dt.timedelta(days=1))
+    def __contains__(self, instant: object) -> bool:
+        return isinstance(instant, dt.datetime) and self.start <= instant < self.end
+
+    @property
+    def empty(self) -> bool:
+        return self.end <= self.start
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """Which users a run handles: id % count == index (Python's modulo, so negative ids
+    belong to a shard too). The one rule of sharding, in Python and in SQL."""
+
+    index: int = 0
+    count: int = 1
+
+    def holds(self, user_id: int) -> bool:
+        return user_id % self.count == self.index
+
+    def sql(self, column: str) -> tuple[str, list[int]]:
+        """A ` AND ...` condition on `column` and its arguments ("" for one shard)."""
+        if self.count == 1:
+            return "", []
+        return f" AND MOD(MOD({column}, %s) + %s, %s) = %s", [self.count] * 3 + [self.index]
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+@functools.lru_cache(maxsize=4096)
+def is_holiday(day: dt.date) -> bool:
+    """A national holiday of Japan (substitute and citizens' holidays included), by the
+    law as jpholiday computes it."""
+    return jpholiday.is_holiday(day)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -669,12 +547,97 @@ class Call:
     def task_id(self, alternative: int = 0) -> str:
         return task_id(self.user_id, self.instant, alternative)
 
-    def plan_line(self, alternative: int) -> dict[str, Any]:
-        return {
-            "task_id": self.task_id(alternative),
-            "user_id": self.user_id,
-            "scheduled_at": self.scheduled_at,
-        }
+    def local_date(self, instant: dt.datetime | None = None) -> dt.date:
+        """The local date of the call (or of another instant) in the user's zone."""
+        return (instant or self.instant).astimezone(self.zone).date()
+
+
+def task_id(user_id: int, instant: dt.datetime, alternative: int = 0) -> str:
+    """Deterministic task id of one call: hashed prefix, user id, UTC instant.
+
+    The short hash first spreads names across Cloud Tasks' key space (sequential or
+    timestamp-prefixed names raise its latency); `alternative` > 0 names the call's
+    next id ("-rN").
+    """
+    stamp = _utc_stamp(instant)
+    digest = hashlib.sha256(f"{user_id}@{stamp}".encode()).hexdigest()[:8]
+    return f"{digest}-anpi-{user_id}-{stamp}" + (f"-r{alternative}" if alternative else "")
+
+
+class TaskName(NamedTuple):
+    """What a task id of this job says: whose call, when, and which alternative."""
+
+    user_id: int
+    instant: dt.datetime
+    alternative: int
+
+    @property
+    def key(self) -> CallKey:
+        return CallKey(self.user_id, self.instant)
+
+
+def parse_task_id(value: str) -> TaskName | None:
+    """The TaskName of an id this job made, or None for any other id (never touched)."""
+    m = TASK_ID_RE.fullmatch(value)
+    if m is None:
+        return None
+    try:
+        instant = dt.datetime.strptime(m[3], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+    except ValueError:
+        return None
+    name = TaskName(int(m[2]), instant, int(m[4] or 0))
+    # The hash must match too, so a look-alike id from elsewhere is not ours.
+    return name if task_id(name.user_id, instant, name.alternative) == value else None
+
+
+@functools.lru_cache(maxsize=16384)
+def _utc_stamp(instant: dt.datetime) -> str:
+    return instant.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
+
+
+def naive_utc(instant: dt.datetime) -> dt.datetime:
+    """An aware instant as the naive UTC DATETIME the job's tables hold."""
+    return instant.astimezone(UTC).replace(tzinfo=None)
+
+
+def aware_utc(value: dt.datetime) -> dt.datetime:
+    """A naive UTC DATETIME from the job's tables as an aware instant."""
+    return value.replace(tzinfo=UTC)
+
+
+def clock_text(seconds: int) -> str:
+    """HH:MM:SS of a number of seconds (hours may exceed 23, as MySQL TIME's do)."""
+    return f"{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+# ---------------------------------------------------------------------------
+# Row parsing: weekdays, phone numbers, times, zones and pauses as people type them
+# ---------------------------------------------------------------------------
+
+
+USER_COLUMNS = "id, phone_number, call_weekdays, call_time, timezone, pause_from, pause_until"
+
+
+@dataclasses.dataclass(frozen=True)
+class UserRow:
+    """One `users` row as the driver returned it, before any validation."""
+
+    id: int
+    phone_number: object
+    call_weekdays: object
+    call_time: object
+    timezone: object
+    pause_from: object = None
+    pause_until: object = None
+
+
+class InvalidRow(ValueError):
+    """A row that cannot be planned; the message is the reason (never the phone).
+
+    Not a JobError: an invalid row is counted and reported, and never ends a run.
+    """
+
+    column = "row"  # set by `parse_row` to the column at fault
 
 
 _DAY_WORDS = {
@@ -893,12 +856,12 @@ def parse_zone(value: object, default: zoneinfo.ZoneInfo) -> zoneinfo.ZoneInfo:
 
 
 def parse_row(
-    row: UserRow, default_zone: zoneinfo.ZoneInfo, region: str | None = "JP"
+    row: UserRow, default_zone: zoneinfo.ZoneInfo, region: str = "JP"
 ) -> CallSetting | None:
-    """Validate one row. None when it asks for no calls; InvalidRow when it is wrong.
+    """Validate one row: the one validation of runs and `--check` alike. None when it
+    asks for no calls; InvalidRow, naming the column at fault, when it is wrong.
 
-    `region` is the country of national phone numbers (DEFAULT_COUNTRY_CODE's region);
-    None leaves the phone number out (the peak count's groups of rows have none).
+    `region` is the country of national phone numbers (DEFAULT_COUNTRY_CODE's region).
     """
     if not isinstance(row.id, int) or isinstance(row.id, bool):
         raise InvalidRow(f"id has type {type(row.id).__name__}")
@@ -910,7 +873,7 @@ def parse_row(
         column = "timezone"
         zone = parse_zone(row.timezone, default_zone)
         column = "phone_number"
-        phone = "" if region is None else normalize_phone(row.phone_number, region)
+        phone = normalize_phone(row.phone_number, region)
         column = "pause_from"
         pause_from = parse_date(row.pause_from, column)
         column = "pause_until"
@@ -970,8 +933,9 @@ def normalize_phone(value: object, region: str) -> str:
 
 
 def _quick_number(compact: str, region: str) -> phonenumbers.PhoneNumber | None:
-    """The number split without libphonenumber's slower text parser (5 µs instead of
-    15), when that is plain: `+<code><national>`, or `<trunk 0><national>` in `region`.
+    """The number split without libphonenumber's slower text parser, when that is
+    plain: `+<code><national>`, or `<trunk 0><national>` in `region` (bench.py measures
+    the gain).
     Only a valid result is kept; anything else goes through the full parser."""
     if compact.startswith("+"):
         for size in (1, 2, 3):  # country codes are prefix-free
@@ -1026,7 +990,12 @@ def _show(value: str, limit: int = 40) -> str:
 
 def _show_timedelta(value: dt.timedelta) -> str:
     seconds = int(value.total_seconds())
-    return ("-" if seconds < 0 else "") + _clock_text(abs(seconds))
+    return ("-" if seconds < 0 else "") + clock_text(abs(seconds))
+
+
+# ---------------------------------------------------------------------------
+# Planning: pure functions of settings and windows (no clock, no I/O)
+# ---------------------------------------------------------------------------
 
 
 def occurrence(day: dt.date, at: dt.time, zone: zoneinfo.ZoneInfo) -> dt.datetime:
@@ -1056,13 +1025,6 @@ def occurrences(
     return found
 
 
-@functools.lru_cache(maxsize=4096)
-def is_holiday(day: dt.date) -> bool:
-    """A national holiday of Japan (substitute and citizens' holidays included), by the
-    law as jpholiday computes it."""
-    return jpholiday.is_holiday(day)
-
-
 @functools.lru_cache(maxsize=16384)
 def _instants_in(
     at: dt.time, zone: zoneinfo.ZoneInfo, window: Window
@@ -1074,52 +1036,10 @@ def _instants_in(
     found = []
     while day <= last:
         instant = occurrence(day, at, zone)
-        if window.start <= instant < window.end:
+        if instant in window:
             found.append((day, instant))
         day += dt.timedelta(days=1)
     return tuple(found)
-
-
-def task_id(user_id: int, instant: dt.datetime, retry: int = 0) -> str:
-    """Deterministic task id of one call: hashed prefix, user id, UTC instant.
-
-    The short hash first spreads names across Cloud Tasks' key space (sequential or
-    timestamp-prefixed names raise its latency); `retry` > 0 names an alternative.
-    """
-    stamp = _utc_stamp(instant)
-    digest = hashlib.sha256(f"{user_id}@{stamp}".encode()).hexdigest()[:8]
-    return f"{digest}-anpi-{user_id}-{stamp}" + (f"-r{retry}" if retry else "")
-
-
-class TaskName(NamedTuple):
-    """What a task id of this job says: whose call, when, and which alternative."""
-
-    user_id: int
-    instant: dt.datetime
-    retry: int
-
-    @property
-    def key(self) -> CallKey:
-        return CallKey(self.user_id, self.instant)
-
-
-def parse_task_id(value: str) -> TaskName | None:
-    """The TaskName of an id this job made, or None for any other id (never touched)."""
-    m = TASK_ID_RE.fullmatch(value)
-    if m is None:
-        return None
-    try:
-        instant = dt.datetime.strptime(m[3], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
-    except ValueError:
-        return None
-    name = TaskName(int(m[2]), instant, int(m[4] or 0))
-    # The hash must match too, so a look-alike id from elsewhere is not ours.
-    return name if task_id(name.user_id, instant, name.retry) == value else None
-
-
-@functools.lru_cache(maxsize=16384)
-def _utc_stamp(instant: dt.datetime) -> str:
-    return instant.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
 
 
 def plan_calls(
@@ -1132,10 +1052,34 @@ def plan_calls(
     ]
 
 
+def local_time_ranges(zone: zoneinfo.ZoneInfo, window: Window) -> list[tuple[int, int]] | None:
+    """Seconds-of-day ranges [lo, hi) that hold every wall time due in `window`.
+
+    A superset: the wall-clock span of the window widened by the smallest and largest
+    UTC offset the zone has around it, which covers DST gaps and folds. None when the
+    span reaches a whole day (no filter is possible).
+    """
+    offsets = set()
+    probe = window.start - dt.timedelta(hours=6)
+    while probe <= window.end + dt.timedelta(hours=6):
+        offsets.add(probe.astimezone(zone).utcoffset() or dt.timedelta())
+        probe += dt.timedelta(minutes=15)
+    low = window.start.replace(tzinfo=None) + min(offsets)
+    high = window.end.replace(tzinfo=None) + max(offsets)
+    if high - low >= dt.timedelta(days=1):
+        return None
+    lo = low.hour * 3600 + low.minute * 60 + low.second
+    hi = lo + int((high - low).total_seconds()) + (1 if low.microsecond else 0)
+    if hi <= DAY_SECONDS:
+        return [(lo, hi)]
+    return [(lo, DAY_SECONDS), (0, hi - DAY_SECONDS)]
+
+
 def count_minutes(
     setting: CallSetting, window: Window, counts: dict[dt.datetime, int], weight: int = 1
 ) -> None:
-    """Add `weight` calls to the minute (UTC) of each call `setting` makes in `window`.
+    """Add `weight` calls to the minute (UTC) of each call `setting` makes in `window`
+    (paused dates make none).
 
     The call time's seconds are cut first, which moves no call out of its minute (every
     zone's UTC offset, and DST gap, is whole minutes) and lets 1,440 times a zone share
@@ -1166,65 +1110,252 @@ def peak_minute(counts: Mapping[dt.datetime, int], config: Config) -> dict[str, 
     }
 
 
-def warn_peak(peak: dict[str, Any] | None, config: Config) -> None:
-    """A WARNING naming the fix when the busiest minute takes over PEAK_WARN_MINUTES."""
-    if peak is None or peak["dispatch_seconds"] <= config.peak_warn_minutes * 60:
-        return
-    log.warning(
-        "the busiest minute, %s, has %d calls: the queue needs %.0fs to dispatch them at"
-        " %g/s, so its last call is that late (PEAK_WARN_MINUTES=%g). Raise"
-        " QUEUE_MAX_DISPATCHES_PER_SECOND together with Twilio's calls per second, or add"
-        " shards (TASK_COUNT, with QUEUE_PER_SHARD=1)",
-        peak["at"],
-        peak["calls"],
-        peak["dispatch_seconds"],
-        config.queue_max_dispatches_per_second,
-        config.peak_warn_minutes,
-        extra={"peak_minute": peak},
-    )
+def uncovered(stretch: Window, covered: Iterable[Window]) -> list[Window]:
+    """The parts of `stretch` that no window of `covered` holds, in time order."""
+    gaps, start = [], stretch.start
+    for window in sorted(covered, key=lambda w: w.start):
+        if window.start > start:
+            gaps.append(Window(start, min(window.start, stretch.end)))
+        start = max(start, window.end)
+        if start >= stretch.end:
+            break
+    if start < stretch.end:
+        gaps.append(Window(start, stretch.end))
+    return [gap for gap in gaps if not gap.empty]
 
 
-def local_time_ranges(zone: zoneinfo.ZoneInfo, window: Window) -> list[tuple[int, int]] | None:
-    """Seconds-of-day ranges [lo, hi) that hold every wall time due in `window`.
+# ---------------------------------------------------------------------------
+# Data source: MySQL / Cloud SQL
+# ---------------------------------------------------------------------------
 
-    A superset: the wall-clock span of the window widened by the smallest and largest
-    UTC offset the zone has around it, which covers DST gaps and folds. None when the
-    span reaches a whole day (no filter is possible).
+# Rows whose TIME lies outside a day are read too, so that they are reported invalid.
+OUT_OF_DAY_SQL = "call_time < CAST('00:00:00' AS TIME) OR call_time >= CAST('24:00:00' AS TIME)"
+# Worth another connect: 2002/2003 cannot connect, 2006/2013 lost, 1040 too many connections.
+# Anything else (a wrong password, 1045; an unknown database, 1049) fails at once.
+TRANSIENT_DB_ERRORS = (2002, 2003, 2006, 2013, 1040)
+
+
+def connect(config: Config, *, streaming: bool) -> Any:
+    """Open a connection, retrying transient failures within DB_RETRY_SECONDS.
+
+    `streaming` gives the reader: an unbuffered cursor that rows stream through while
+    tasks are created. Otherwise the writer of the job's tables, with plain cursors.
     """
-    offsets = set()
-    probe = window.start - dt.timedelta(hours=6)
-    while probe <= window.end + dt.timedelta(hours=6):
-        offsets.add(probe.astimezone(zone).utcoffset() or dt.timedelta())
-        probe += dt.timedelta(minutes=15)
-    low = window.start.replace(tzinfo=None) + min(offsets)
-    high = window.end.replace(tzinfo=None) + max(offsets)
-    if high - low >= dt.timedelta(days=1):
-        return None
-    lo = low.hour * 3600 + low.minute * 60 + low.second
-    hi = lo + int((high - low).total_seconds()) + (1 if low.microsecond else 0)
-    if hi <= DAY_SECONDS:
-        return [(lo, hi)]
-    return [(lo, DAY_SECONDS), (0, hi - DAY_SECONDS)]
+    kwargs: dict[str, Any] = {
+        "user": config.db_user,
+        "password": config.db_password,
+        "database": config.db_name,
+        "charset": "utf8mb4",
+        # PyMySQL reads the server's handshake with the read timeout: until connected,
+        # both are the connect timeout, so a server that accepts and stays silent (a
+        # Cloud SQL failover) costs one DB_CONNECT_TIMEOUT per attempt, not 60 s.
+        "connect_timeout": config.db_connect_timeout,
+        "read_timeout": config.db_connect_timeout,
+        "write_timeout": config.db_connect_timeout,
+        "cursorclass": pymysql.cursors.SSCursor if streaming else pymysql.cursors.Cursor,
+        "autocommit": True,
+    }
+    if streaming:
+        # Rows stream while tasks are created; a slow enqueue must not make the server
+        # give up on a reader that pauses (MySQL's default is 60 s).
+        kwargs["init_command"] = "SET SESSION net_write_timeout = 600"
+    if config.db_socket:
+        kwargs["unix_socket"] = config.db_socket
+    else:
+        kwargs["host"], kwargs["port"] = config.db_host, config.db_port
+
+    def transient(exc: BaseException) -> bool:
+        return isinstance(exc, pymysql.err.OperationalError) and exc.args[:1] in {
+            (code,) for code in TRANSIENT_DB_ERRORS
+        }
+
+    def warn(exc: BaseException) -> None:
+        log.warning("database not reachable yet, retrying: %s", exc)
+
+    retry = retries.Retry(
+        predicate=transient,
+        initial=0.5,
+        maximum=5.0,
+        multiplier=2.0,
+        timeout=config.db_retry_seconds,
+        on_error=warn,
+    )
+    try:
+        conn = retry(pymysql.connect)(**kwargs)
+    except gexc.RetryError as exc:
+        bound = config.db_retry_seconds + config.db_connect_timeout
+        raise DatabaseError(
+            f"cannot connect to the database within {bound:g}s"
+            f" (DB_RETRY_SECONDS + DB_CONNECT_TIMEOUT): {exc.cause}"
+        ) from exc
+    except pymysql.err.MySQLError as exc:
+        raise DatabaseError(f"cannot connect to the database: {exc}") from exc
+    set_read_timeout(conn, config.db_read_timeout)
+    return conn
+
+
+def set_read_timeout(conn: Any, seconds: float) -> None:
+    """How long each read and write on `conn` may wait from now on.
+
+    PyMySQL has no public setter; it applies these attributes before every socket
+    operation.
+    """
+    conn._read_timeout = conn._write_timeout = seconds
+
+
+def close(conn: Any) -> None:
+    with contextlib.suppress(pymysql.err.Error):  # already closed if the link broke
+        conn.close()
+
+
+def stream(conn: Any, sql: str, args: Sequence[Any] = ()) -> Iterator[tuple[Any, ...]]:
+    """The rows of `sql` through an unbuffered cursor, one at a time.
+
+    A consumer that stops part-way abandons the rest: PyMySQL would otherwise drain it
+    on close or garbage collection, which is slow on a live connection (a stop
+    part-way) and raises on a lost one.
+    """
+    cur = conn.cursor()
+    finished = False
+    try:
+        cur.execute(sql, args)
+        yield from cur
+        finished = True
+    finally:
+        if finished:
+            cur.close()
+        else:
+            result = getattr(cur, "_result", None)
+            if result is not None:
+                result.unbuffered_active = False
+
+
+class Snapshot:
+    """The users table as one consistent snapshot, read on the reader connection.
+
+    Every query of a run reads the same snapshot: the window's rows zone by zone, then
+    the rows of users whose tasks look stale. So a row whose zone changes meanwhile is
+    read exactly once, and a row is never judged on two different versions.
+    """
+
+    def __init__(self, conn: Any, config: Config) -> None:
+        self._conn = conn
+        self._config = config
+        self._zones: list[object] | None = None
+
+    def __enter__(self) -> Snapshot:
+        with self._errors("starting a snapshot"), self._conn.cursor() as cur:
+            cur.execute("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            cur.execute("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with contextlib.suppress(pymysql.err.Error):
+            self._conn.commit()
+
+    def rows(self, window: Window) -> Iterator[UserRow]:
+        """Stream the active rows of this shard whose call can fall in `window`.
+
+        One query per distinct `timezone` value (see `zone_query`), each a range scan
+        of the index on (is_active, timezone, call_time).
+        """
+        with self._errors("reading users"):
+            if self._zones is None:
+                with self._conn.cursor() as cur:
+                    cur.execute("SELECT DISTINCT timezone FROM users WHERE is_active = 1")
+                    self._zones = [value for (value,) in cur.fetchall()]
+            for value in self._zones:
+                for row in stream(self._conn, *zone_query(value, self._config, window)):
+                    yield UserRow(*row)
+
+    def all_rows(self) -> Iterator[UserRow]:
+        """Stream every active row of this shard (`--check`)."""
+        condition, args = self._config.shard.sql("id")
+        sql = f"SELECT {USER_COLUMNS} FROM users WHERE is_active = 1{condition}"
+        with self._errors("checking users"):
+            for row in stream(self._conn, sql, args):
+                yield UserRow(*row)
+
+    def active(self, user_ids: Iterable[int]) -> dict[int, UserRow]:
+        """The active rows of these users, looked up by id (absent: none, or inactive)."""
+        found: dict[int, UserRow] = {}
+        for chunk in chunks(sorted(set(user_ids)), RECORD_BATCH):
+            marks = ", ".join(["%s"] * len(chunk))
+            sql = f"SELECT {USER_COLUMNS} FROM users WHERE is_active = 1 AND id IN ({marks})"
+            with self._errors("looking users up"):
+                for row in stream(self._conn, sql, chunk):
+                    found[row[0]] = UserRow(*row)
+        return found
+
+    @contextlib.contextmanager
+    def _errors(self, doing: str) -> Iterator[None]:
+        try:
+            yield
+        except pymysql.err.MySQLError as exc:
+            raise DatabaseError(f"lost the database while {doing}: {exc}") from exc
+
+
+def zone_query(zone_value: object, config: Config, window: Window) -> tuple[str, list[Any]]:
+    """SQL and arguments for the rows with this `timezone` value that can be due.
+
+    The `call_time` ranges come from `local_time_ranges`; rows whose TIME lies outside
+    a day, or whose zone is unknown, are selected too so that they are reported. (A text
+    `call_time` that MySQL casts to no time in the window is found by the stale check:
+    see `Placement.stale`.)
+    """
+    if zone_value is None:
+        zone_sql, args = "timezone IS NULL", []
+    else:
+        zone_sql, args = "timezone = %s", [zone_value]
+    try:
+        zone = parse_zone(zone_value, config.default_timezone)
+        ranges = local_time_ranges(zone, window)
+    except InvalidRow:
+        ranges = None
+    if ranges is None:
+        time_sql = "call_time IS NOT NULL"
+    else:
+        between = "(call_time >= CAST(%s AS TIME) AND call_time < CAST(%s AS TIME))"
+        time_sql = " OR ".join([between] * len(ranges) + [OUT_OF_DAY_SQL])
+        args += [clock_text(seconds) for pair in ranges for seconds in pair]
+    shard_sql, shard_args = config.shard.sql("id")
+    sql = (
+        f"SELECT {USER_COLUMNS} FROM users"
+        f" WHERE is_active = 1 AND {zone_sql} AND ({time_sql}){shard_sql}"
+    )
+    return sql, args + shard_args
+
+
+T = TypeVar("T")
+
+
+def chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """Consecutive lists of up to `size` items, read lazily."""
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
 
 
 # ---------------------------------------------------------------------------
-# Call record: the scheduled_calls table, which task id each call was given
+# The job's own tables: scheduled_calls (which id each call was given) and job_runs
 # ---------------------------------------------------------------------------
 
-PLANNED, DELETING, DELETED = "planned", "deleting", "deleted"
-RECORD_COLUMNS = "call_at, user_id, alternative, task_id, state, reason, queue"
-_FIRST_COLUMNS = "call_at, user_id, alternative, task_id, state, reason"  # migration 001's
-# What brings an existing database up to date: the table's first migration (a missing
+# What brings an existing database up to date: each table's first migration (a missing
 # table), and the one that adds what a check needs.
 MIGRATIONS = {
     "users": "migrations/002_users_pauses.sql",
     "scheduled_calls": "migrations/001_scheduled_calls.sql",
+    "job_runs": "migrations/004_quick_runs.sql",
 }
-QUEUE_MIGRATION = "migrations/003_scheduled_calls_queue.sql"
-# Every statement the job runs on scheduled_calls, each run once with nothing to touch,
-# so a missing table, column or grant shows before any task is created.
-# In the order of the migrations that fix them, so the first problem names the first file.
-RECORD_CHECKS = (
+RECORD_COLUMNS = "call_at, user_id, alternative, task_id, state, reason, queue, created_at"
+_FIRST_COLUMNS = "call_at, user_id, alternative, task_id, state, reason"  # migration 001's
+RUN_COLUMNS = (
+    "ran_at, kind, shard_index, shard_count, window_start, window_end, complete, audited_until"
+)
+# Every statement the job runs on its tables, each run once with nothing to touch, so a
+# missing table, column or grant shows before any task is created. In the order of the
+# migrations that fix them, so the first problem names the first file.
+TABLE_CHECKS = (
     ("SELECT", "scheduled_calls", f"SELECT {_FIRST_COLUMNS} FROM scheduled_calls LIMIT 0", None),
     (
         "INSERT",
@@ -1239,69 +1370,61 @@ RECORD_CHECKS = (
     (
         "INSERT",
         "scheduled_calls",
+        f"INSERT INTO scheduled_calls ({_FIRST_COLUMNS}, queue)"
+        f" SELECT {_FIRST_COLUMNS}, queue FROM scheduled_calls WHERE FALSE",
+        "migrations/003_scheduled_calls_queue.sql",
+    ),
+    (
+        "INSERT",
+        "scheduled_calls",
         f"INSERT INTO scheduled_calls ({RECORD_COLUMNS})"
         f" SELECT {RECORD_COLUMNS} FROM scheduled_calls WHERE FALSE",
-        QUEUE_MIGRATION,
+        MIGRATIONS["job_runs"],
     ),
+    ("SELECT", "job_runs", f"SELECT {RUN_COLUMNS} FROM job_runs LIMIT 0", None),
+    (
+        "INSERT",
+        "job_runs",
+        f"INSERT INTO job_runs ({RUN_COLUMNS}) SELECT {RUN_COLUMNS} FROM job_runs WHERE FALSE",
+        None,
+    ),
+    ("DELETE", "job_runs", "DELETE FROM job_runs WHERE FALSE", None),
 )
+# Worth running a write again: a deadlock (1213) or a lock wait timeout (1205) between
+# two shards' upserts. Each write is one autocommitted, idempotent statement.
+RETRY_WRITE_ERRORS = (1213, 1205)
 
 
-class Entry(NamedTuple):
-    """One scheduled_calls row to write: a call's id `alternative` and its state."""
-
-    key: CallKey
-    alternative: int
-    state: str
-    reason: str | None = None
-    queue: str | None = None  # the queue of a new row; None: this shard's
-
-
-class Choice(NamedTuple):
-    """The id a run gives a call, and why (see `CallRecord.choose`)."""
-
-    alternative: int
-    pending: bool = False  # the listing shows this id on the queue: nothing to create
-    recorded: bool = False  # recorded planned already: the task may exist or have run
-    # Ids (and their queues) whose delete was begun but never confirmed: one may still
-    # be pending, or have run.
-    unconfirmed: tuple[tuple[int, str], ...] = ()
-    queue: str | None = None  # the queue the id belongs to; None: this shard's
-
-    @property
-    def record_first(self) -> bool:
-        """Whether the batch must record this id before anything is created."""
-        return not self.recorded and not self.unconfirmed
+def grants(config: Config) -> str:
+    """The GRANT statements the job's database user needs."""
+    user, db = f"'{config.db_user}'@'%'", f"`{config.db_name}`"
+    return (
+        f"GRANT SELECT ON {db}.users TO {user}; GRANT SELECT, INSERT, UPDATE, DELETE ON"
+        f" {db}.scheduled_calls TO {user}; GRANT SELECT, INSERT, DELETE ON {db}.job_runs TO {user}"
+    )
 
 
-class CallRecord:
-    """scheduled_calls: one row per task id the job gave a call, planned or deleted.
+class Writer:
+    """The writer connection: the job's tables and its shard's run lock.
 
-    The job writes a call's id here (committed) before it creates the task, and marks
-    a task deleted here before it deletes it. So the table knows what Cloud Tasks
-    cannot tell: whether a refused name belongs to a task that ran or to one that was
-    deleted. Each row also names the queue its task belongs to, fixed by the first run
-    that wrote it: after a reshard a call stays on the queue it was given. Writes go
-    through their own connection; a lock serialises the enqueue threads' rare
-    single-call writes with the main thread's batches.
+    Held by one thread at a time (placement threads write single calls while the main
+    thread writes batches); driver errors become DatabaseError. Once a statement has
+    failed the connection is taken as lost, and with it the run lock: nothing more is
+    written, and the run stops acting (`assert_locked`).
     """
 
     def __init__(self, conn: Any, config: Config) -> None:
         self._conn = conn
         self._config = config
         self._lock = threading.Lock()
-        self._rows: dict[CallKey, dict[int, tuple[str, str]]] = {}  # filled by load
+        self._lock_name: str | None = None
+        self.failed: DatabaseError | None = None
         self.seconds = 0.0  # time spent in statements, for the bench
-        self.own_queue = config.queue_name
 
     def check(self) -> None:
-        """Raise SetupError naming the table and grant when a statement would be refused."""
-        config = self._config
-        user = f"'{config.db_user}'@'%'"
-        grant = (
-            f"GRANT SELECT ON `{config.db_name}`.users TO {user}; GRANT SELECT, INSERT,"
-            f" UPDATE, DELETE ON `{config.db_name}`.scheduled_calls TO {user}"
-        )
-        for privilege, table, sql, migration in RECORD_CHECKS:
+        """Raise SetupError naming the table, migration and grant when a statement the
+        job runs would be refused."""
+        for privilege, table, sql, migration in TABLE_CHECKS:
             try:
                 with self._lock, self._conn.cursor() as cur:
                     cur.execute(sql)
@@ -1309,143 +1432,78 @@ class CallRecord:
                 code = exc.args[0] if exc.args else None
                 if code in (1142, 1143, 1044):  # command or column denied
                     raise SetupError(
-                        f"the database user may not {privilege} on {table}: {grant}"
+                        f"the database user may not {privilege} on {table}: {grants(self._config)}"
                     ) from exc
                 if code in (1146, 1054):  # no such table or column
                     fix = MIGRATIONS[table] if code == 1146 else migration or MIGRATIONS[table]
                     raise SetupError(
                         f"table {table} is missing or has old columns ({exc.args[1]}):"
-                        f" apply {fix} (or schema.sql on a new database), then " + grant
+                        f" apply {fix} (or schema.sql on a new database), then "
+                        + grants(self._config)
                     ) from exc
                 raise DatabaseError(f"cannot check table {table}: {exc}") from exc
 
-    def load(self, window: Window) -> None:
-        """Read this shard's rows for the calls in `window`."""
-        config = self._config
-        sql = "SELECT user_id, call_at, alternative, state, queue FROM scheduled_calls"
-        sql += " WHERE call_at >= %s AND call_at < %s"
-        args: list[Any] = [_naive_utc(window.start), _naive_utc(window.end)]
-        if config.task_count > 1:
-            sql += " AND MOD(MOD(user_id, %s) + %s, %s) = %s"
-            args += [config.task_count] * 3 + [config.task_index]
-        rows: dict[CallKey, dict[int, tuple[str, str]]] = {}
-        with self._query() as cur:
-            cur.execute(sql, args)
-            for user_id, call_at, alternative, state, queue in cur.fetchall():
-                key = CallKey(user_id, call_at.replace(tzinfo=UTC))
-                # NULL: a row from before migration 003, when there was one queue.
-                rows.setdefault(key, {})[alternative] = (state, queue or config.queue)
-        self._rows = rows
-
-    def choose(self, key: CallKey, pending: set[int] | None) -> Choice:
-        """The id for call `key`: the first of these rules that applies.
-
-        1. An id of the call that the listing shows pending (the one recorded planned,
-           else the lowest): it is on the queue, so nothing is created.
-        2. Otherwise the id recorded planned (the highest, should there be several):
-           created again on the queue it was recorded on, where ALREADY_EXISTS means it
-           exists or already ran.
-        3. Otherwise the next id after every recorded (deleting or deleted) one; the
-           base id when the call has no row. It is recorded (`claim`) before it is
-           created.
-        Deterministic from the table and the listing, so concurrent runs agree.
-        """
-        rows = self._rows.get(key, {})
-        planned = sorted(a for a, (state, _) in rows.items() if state == PLANNED)
-        if pending:
-            alternative = next((a for a in planned if a in pending), min(pending))
-            return Choice(alternative, pending=True, recorded=alternative in planned)
-        if planned:
-            return Choice(planned[-1], recorded=True, queue=rows[planned[-1]][1])
-        unconfirmed = tuple(sorted((a, q) for a, (state, q) in rows.items() if state == DELETING))
-        return Choice(max(rows, default=-1) + 1, unconfirmed=unconfirmed)
-
-    def elsewhere(self) -> dict[CallKey, dict[int, str]]:
-        """This shard's calls in the window with an id planned or being deleted on
-        another queue (a user moved here by a reshard): alternative -> queue."""
-        own = self._config.queue_name
-        found: dict[CallKey, dict[int, str]] = {}
-        for key, rows in self._rows.items():
-            for alternative, (state, queue) in rows.items():
-                if state != DELETED and queue != own:
-                    found.setdefault(key, {})[alternative] = queue
-        return found
-
-    def claim(self, entries: Sequence[Entry]) -> dict[tuple[CallKey, int], str]:
-        """Record new planned ids (`write`), then read back the queue of each: the
-        queue of the run that wrote the row first. Two runs that planned the same new
-        id on different queues (a reshard while an execution of the old TASK_COUNT is
-        still running) then both create it on that one queue, where its name is unique.
-        """
-        self.write(entries)
-        homes: dict[tuple[CallKey, int], str] = {}
-        for start in range(0, len(entries), RECORD_BATCH):
-            chunk = entries[start : start + RECORD_BATCH]
-            sql = (
-                "SELECT user_id, call_at, alternative, queue FROM scheduled_calls"
-                " WHERE task_id IN (" + ", ".join(["%s"] * len(chunk)) + ")"
-            )
-            with self._query() as cur:
-                cur.execute(sql, [task_id(*e.key, e.alternative) for e in chunk])
-                for user_id, call_at, alternative, queue in cur.fetchall():
-                    key = CallKey(user_id, call_at.replace(tzinfo=UTC))
-                    homes[(key, alternative)] = queue or self._config.queue
-        return homes
-
-    def lock(self) -> bool:
-        """Hold this shard's run lock (MySQL GET_LOCK) until the connection closes.
+    def lock(self, wait: float) -> bool:
+        """Take this shard's run lock (MySQL GET_LOCK), waiting up to `wait` seconds; it
+        is held until the connection closes. False when another run still held it.
 
         Runs of one shard then never overlap, so no run acts on an older snapshot of
         `users` than one that already finished. The server drops the lock when the
-        holder's connection ends, a killed container's included. False when another
-        run still held it after RUN_LOCK_WAIT_SECONDS.
+        holder's connection ends, a killed container's included. The wait has its own
+        timeout: DB_READ_TIMEOUT bounds each statement, not this one.
         """
-        with self._query() as cur:
-            cur.execute(
-                "SELECT GET_LOCK(%s, %s)", (run_lock_name(self._config), RUN_LOCK_WAIT_SECONDS)
-            )
-            (held,) = cur.fetchone()
+        self._lock_name = run_lock_name(self._config)
+        set_read_timeout(self._conn, wait + self._config.db_read_timeout)
+        try:
+            with self.query() as cur:
+                cur.execute("SELECT GET_LOCK(%s, %s)", (self._lock_name, wait))
+                (held,) = cur.fetchone()
+        finally:
+            set_read_timeout(self._conn, self._config.db_read_timeout)
         return held == 1
 
-    def write(self, entries: Sequence[Entry]) -> None:
-        """Upsert `entries` in one statement per RECORD_BATCH rows, each committed."""
-        # The queue is never updated: the first writer's stays (see `claim`).
-        sql = (
-            f"INSERT INTO scheduled_calls ({RECORD_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s)"
-            " ON DUPLICATE KEY UPDATE state = VALUES(state), reason = VALUES(reason)"
-        )
-        own = self._config.queue_name
-        for start in range(0, len(entries), RECORD_BATCH):
-            args = [
-                (
-                    _naive_utc(e.key.instant),
-                    e.key.user_id,
-                    e.alternative,
-                    task_id(e.key.user_id, e.key.instant, e.alternative),
-                    e.state,
-                    e.reason,
-                    e.queue or own,
-                )
-                for e in entries[start : start + RECORD_BATCH]
-            ]
-            with self._query() as cur:
-                cur.executemany(sql, args)
+    def assert_locked(self) -> None:
+        """Raise LockLost unless this connection still holds the run lock: checked before
+        every batch that creates or deletes tasks."""
+        if self._lock_name is None:
+            return
+        with self.query() as cur:
+            cur.execute("SELECT IS_USED_LOCK(%s) = CONNECTION_ID()", (self._lock_name,))
+            (mine,) = cur.fetchone()
+        if mine != 1:
+            raise self._failed(LockLost("this run no longer holds its run lock"))
 
-    def purge(self, before: dt.datetime) -> int:
-        """Delete rows of calls before `before`, PURGE_BATCH at a time; the count deleted."""
-        sql = "DELETE FROM scheduled_calls WHERE call_at < %s ORDER BY call_at LIMIT %s"
-        deleted = 0
-        for _ in range(PURGE_MAX_BATCHES):
-            with self._query() as cur:
-                count = cur.execute(sql, (_naive_utc(before), PURGE_BATCH))
-            deleted += count
-            if count < PURGE_BATCH:
-                break
-        return deleted
+    def execute(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        """Run one write for many rows; a deadlock or lock wait between shards is retried."""
+        retry = retries.Retry(
+            predicate=lambda exc: isinstance(exc, _RetryableWrite),
+            initial=0.05,
+            maximum=1.0,
+            timeout=self._config.db_read_timeout,
+        )
+
+        def attempt() -> None:
+            try:
+                with self.query() as cur:
+                    cur.executemany(sql, rows)
+            except DatabaseError as exc:
+                cause = exc.__cause__
+                if isinstance(cause, pymysql.err.MySQLError) and cause.args[:1] in {
+                    (code,) for code in RETRY_WRITE_ERRORS
+                }:
+                    raise _RetryableWrite(str(exc)) from cause
+                raise
+
+        try:
+            retry(attempt)()
+        except (_RetryableWrite, gexc.RetryError) as exc:
+            raise self._failed(DatabaseError(f"scheduled_calls: {exc}")) from exc
 
     @contextlib.contextmanager
-    def _query(self) -> Iterator[Any]:
-        """A cursor on the writer connection, held alone; driver errors as DatabaseError."""
+    def query(self) -> Iterator[Any]:
+        """A cursor on the writer connection, held alone."""
+        if self.failed is not None:
+            raise self.failed
         try:
             with self._lock, self._conn.cursor() as cur:
                 started = time.monotonic()
@@ -1454,38 +1512,280 @@ class CallRecord:
                 finally:
                     self.seconds += time.monotonic() - started
         except pymysql.err.MySQLError as exc:
-            raise DatabaseError(f"scheduled_calls: {exc}") from exc
+            if exc.args[:1] in {(code,) for code in RETRY_WRITE_ERRORS}:
+                raise DatabaseError(f"the job's tables: {exc}") from exc
+            raise self._failed(DatabaseError(f"the job's tables: {exc}")) from exc
+
+    def _failed(self, exc: DatabaseError) -> DatabaseError:
+        self.failed = self.failed or exc
+        return exc
+
+
+class _RetryableWrite(Exception):
+    """A write that met a deadlock or a lock wait; run it again."""
 
 
 def run_lock_name(config: Config) -> str:
     """The GET_LOCK name of this shard: database, queue and shard (at most 64 chars)."""
-    scope = f"{config.db_name}|{config.queue_path}|{config.task_index}/{config.task_count}"
+    scope = f"{config.db_name}|{config.path_of(config.queue_name)}|{config.shard}"
     return "anpi-call-scheduler:" + hashlib.sha256(scope.encode()).hexdigest()[:40]
 
 
-def _naive_utc(instant: dt.datetime) -> dt.datetime:
-    """An aware instant as the naive UTC DATETIME that scheduled_calls.call_at holds."""
-    return instant.astimezone(UTC).replace(tzinfo=None)
+class RecordState(enum.Enum):
+    """The state of a task id in scheduled_calls."""
+
+    PLANNED = "planned"  # given to the call; its task may not exist yet, be pending, or have run
+    DELETING = "deleting"  # a delete was begun: the task may be pending, gone, or have run
+    DELETED = "deleted"  # deleted while the call was still ahead: it surely never ran
+
+
+PLANNED, DELETING, DELETED = RecordState.PLANNED, RecordState.DELETING, RecordState.DELETED
+
+
+class Recorded(NamedTuple):
+    """One task id of a call as scheduled_calls has it."""
+
+    state: RecordState
+    queue: str
+    created: bool  # CreateTask confirmed the task: it was created, or its name was taken
+
+
+class Entry(NamedTuple):
+    """One scheduled_calls row to write: a call's id `alternative` and its state."""
+
+    key: CallKey
+    alternative: int
+    state: RecordState
+    reason: str | None = None
+    queue: str | None = None  # the queue of a new row; None: this shard's
+    created: bool = False  # also confirm the create (a confirmation is never taken back)
+
+
+class CallRecord:
+    """scheduled_calls: one row per task id the job gave a call.
+
+    It knows what Cloud Tasks cannot tell: whether a refused name belongs to a task that
+    ran or to one that was deleted, and whether an id's task was surely created. It also
+    names the queue each task belongs to, fixed by the first run that wrote the row.
+    Holds this shard's rows of the run's window, kept up to date by every write, and
+    answers questions about them; `Placement` decides what they mean.
+    """
+
+    def __init__(self, writer: Writer, config: Config, clock: Clock) -> None:
+        self._writer = writer
+        self._config = config
+        self._clock = clock
+        self._calls: dict[CallKey, dict[int, Recorded]] = {}
+        self._guard = threading.Lock()
+
+    def load(self, window: Window) -> None:
+        """Read this shard's rows for the calls in `window`."""
+        config = self._config
+        shard_sql, shard_args = config.shard.sql("user_id")
+        sql = (
+            "SELECT user_id, call_at, alternative, state, queue, created_at IS NOT NULL"
+            f" FROM scheduled_calls WHERE call_at >= %s AND call_at < %s{shard_sql}"
+        )
+        calls: dict[CallKey, dict[int, Recorded]] = {}
+        states = {state.value: state for state in RecordState}
+        with self._writer.query() as cur:
+            cur.execute(sql, [naive_utc(window.start), naive_utc(window.end), *shard_args])
+            for user_id, call_at, alternative, state, queue, created in cur.fetchall():
+                # NULL queue: a row from before migration 003, when there was one queue.
+                recorded = Recorded(states[state], queue or config.queue, bool(created))
+                calls.setdefault(CallKey(user_id, aware_utc(call_at)), {})[alternative] = recorded
+        self._calls = calls
+
+    def ids(self, key: CallKey) -> dict[int, Recorded]:
+        """The recorded ids of call `key` (alternative -> row); empty when none."""
+        with self._guard:
+            return dict(self._calls.get(key, {}))
+
+    def keys(self) -> list[CallKey]:
+        with self._guard:
+            return list(self._calls)
+
+    def write(self, entries: Sequence[Entry]) -> None:
+        """Upsert `entries`, one statement per RECORD_BATCH rows, each committed.
+
+        A row's queue is never updated (the first writer's stays, see `claim`), nor is a
+        confirmed create taken back.
+        """
+        sql = (
+            f"INSERT INTO scheduled_calls ({RECORD_COLUMNS})"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+            " ON DUPLICATE KEY UPDATE state = VALUES(state), reason = VALUES(reason),"
+            " created_at = COALESCE(created_at, VALUES(created_at))"
+        )
+        own = self._config.queue_name
+        stamp = naive_utc(self._clock())
+        for chunk in chunks(entries, RECORD_BATCH):
+            rows = [
+                (
+                    naive_utc(e.key.instant), e.key.user_id, e.alternative,
+                    task_id(e.key.user_id, e.key.instant, e.alternative), e.state.value,
+                    e.reason, e.queue or own, stamp if e.created else None,
+                )
+                for e in chunk
+            ]  # fmt: skip
+            self._writer.execute(sql, rows)
+            with self._guard:
+                for e in chunk:
+                    ids = self._calls.setdefault(e.key, {})
+                    old = ids.get(e.alternative)
+                    queue = old.queue if old else e.queue or own
+                    ids[e.alternative] = Recorded(
+                        e.state, queue, e.created or bool(old and old.created)
+                    )
+
+    def claim(self, entries: Sequence[Entry]) -> dict[tuple[CallKey, int], str]:
+        """Record new planned ids (`write`), then read back the queue of each: the queue
+        of the run that wrote the row first. Two runs that planned the same new id on
+        different queues (a reshard while an execution of the old TASK_COUNT is still
+        running) then both create it on that one queue, where its name is unique."""
+        self.write(entries)
+        queues: dict[tuple[CallKey, int], str] = {}
+        for chunk in chunks(entries, RECORD_BATCH):
+            sql = (
+                "SELECT user_id, call_at, alternative, queue FROM scheduled_calls"
+                " WHERE task_id IN (" + ", ".join(["%s"] * len(chunk)) + ")"
+            )
+            with self._writer.query() as cur:
+                cur.execute(sql, [task_id(*e.key, e.alternative) for e in chunk])
+                rows = cur.fetchall()
+            with self._guard:
+                for user_id, call_at, alternative, queue in rows:
+                    key = CallKey(user_id, aware_utc(call_at))
+                    queue = queue or self._config.queue
+                    queues[(key, alternative)] = queue
+                    old = self._calls[key][alternative]
+                    self._calls[key][alternative] = old._replace(queue=queue)
+        return queues
+
+    def instants_of(
+        self, user_ids: Iterable[int], start: dt.datetime, end: dt.datetime
+    ) -> dict[int, set[dt.datetime]]:
+        """For each user, the instants in [start, end] of calls with an id that is not
+        `deleted`: calls that may have run or may still run. Read from the table, beyond
+        the loaded window."""
+        found: dict[int, set[dt.datetime]] = {}
+        for chunk in chunks(sorted(set(user_ids)), RECORD_BATCH):
+            sql = (
+                "SELECT user_id, call_at FROM scheduled_calls WHERE user_id IN ("
+                + ", ".join(["%s"] * len(chunk))
+                + ") AND call_at >= %s AND call_at <= %s AND state != 'deleted'"
+            )
+            with self._writer.query() as cur:
+                cur.execute(sql, [*chunk, naive_utc(start), naive_utc(end)])
+                for user_id, call_at in cur.fetchall():
+                    found.setdefault(user_id, set()).add(aware_utc(call_at))
+        return found
+
+    def purge(self, before: dt.datetime) -> int:
+        """Delete rows of calls before `before`, PURGE_BATCH at a time; the count deleted."""
+        sql = "DELETE FROM scheduled_calls WHERE call_at < %s ORDER BY call_at LIMIT %s"
+        deleted = 0
+        for _ in range(PURGE_MAX_BATCHES):
+            with self._writer.query() as cur:
+                count = cur.execute(sql, (naive_utc(before), PURGE_BATCH))
+            deleted += count
+            if count < PURGE_BATCH:
+                break
+        return deleted
+
+
+class RunKind(enum.Enum):
+    HOURLY = "hourly"  # a full run: lists the queue too
+    CHANGES = "changes"  # a quick run (--changes): acts on what changed, from the record
+
+
+class PastRun(NamedTuple):
+    """A complete run of some shard, from job_runs: whose calls it covered, and when."""
+
+    shard: Shard
+    window: Window
+
+
+class RunHistory:
+    """job_runs: one row per real run that got as far as its end, per shard.
+
+    It tells a quick run how far ahead the hourly runs have placed calls, and each run
+    which calls no complete run covered (see `run`'s audit).
+    """
+
+    def __init__(self, writer: Writer, config: Config) -> None:
+        self._writer = writer
+        self._shard = config.shard
+
+    def horizon(self) -> dt.datetime | None:
+        """The end of the latest hourly run's window of this shard: how far ahead calls
+        have been placed. None before the first one."""
+        return self._one(
+            "SELECT MAX(window_end) FROM job_runs WHERE kind = 'hourly'"
+            " AND shard_index = %s AND shard_count = %s",
+            (self._shard.index, self._shard.count),
+        )
+
+    def audited_until(self) -> dt.datetime | None:
+        """Until when this shard's calls were audited; without an audit of this shard
+        yet, the latest of any shard (the count changed). None on a new database."""
+        own = self._one(
+            "SELECT MAX(audited_until) FROM job_runs WHERE shard_index = %s AND shard_count = %s",
+            (self._shard.index, self._shard.count),
+        )
+        return own or self._one("SELECT MAX(audited_until) FROM job_runs", ())
+
+    def complete(self, stretch: Window) -> list[PastRun]:
+        """The complete runs, of any shard, whose window overlaps `stretch`."""
+        sql = (
+            "SELECT shard_index, shard_count, window_start, window_end FROM job_runs"
+            " WHERE complete = 1 AND window_end > %s AND window_start < %s"
+        )
+        with self._writer.query() as cur:
+            cur.execute(sql, (naive_utc(stretch.start), naive_utc(stretch.end)))
+            return [
+                PastRun(Shard(index, count), Window(aware_utc(start), aware_utc(end)))
+                for index, count, start, end in cur.fetchall()
+            ]
+
+    def add(
+        self,
+        kind: RunKind,
+        ran_at: dt.datetime,
+        window: Window,
+        complete: bool,
+        audited_until: dt.datetime | None,
+    ) -> None:
+        values = (
+            naive_utc(ran_at), kind.value, self._shard.index, self._shard.count,
+            naive_utc(window.start), naive_utc(window.end), int(complete),
+            None if audited_until is None else naive_utc(audited_until),
+        )  # fmt: skip
+        sql = f"INSERT INTO job_runs ({RUN_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+        self._writer.execute(sql, [values])
+
+    def purge(self, before: dt.datetime) -> None:
+        with self._writer.query() as cur:
+            cur.execute("DELETE FROM job_runs WHERE window_end < %s", (naive_utc(before),))
+
+    def _one(self, sql: str, args: Sequence[Any]) -> dt.datetime | None:
+        with self._writer.query() as cur:
+            cur.execute(sql, args)
+            (value,) = cur.fetchone()
+        return None if value is None else aware_utc(value)
 
 
 # ---------------------------------------------------------------------------
 # Task sink: Cloud Tasks
 # ---------------------------------------------------------------------------
 
-CREATED, EXISTING, FAILED = "created", "existing", "failed"
-# The one line of a dry run that plans without the queue (a laptop's local run).
-QUEUE_NOT_READ = (
-    "queue not read (%s): the plan cannot tell which calls are queued already,"
-    " and stale tasks are not looked for"
-)
 
+class Created(enum.Enum):
+    """What one CreateTask came to."""
 
-class FatalQueueError(Exception):
-    """An error that every further call would meet too (no queue, no credentials)."""
-
-
-class NoCredentialsError(FatalQueueError):
-    """No Google credentials at all: the usual state of a laptop, not of Cloud Run."""
+    CREATED = "created"  # the task is on the queue now
+    TAKEN = "taken"  # ALREADY_EXISTS: the name belongs to a task that exists, ran or was deleted
+    FAILED = "failed"  # logged with the call
 
 
 def make_tasks_client(config: Config) -> Any:
@@ -1506,23 +1806,39 @@ def make_tasks_client(config: Config) -> Any:
         raise NoCredentialsError(f"no Google credentials for Cloud Tasks: {exc}") from exc
 
 
-class TaskSink:
-    """One queue's tasks: create, look up, list and delete, outcomes returned as values.
+class _Deadline:
+    """An api_core timeout decorator: each attempt waits at most ATTEMPT_SECONDS and none
+    outlasts the call's deadline. (api_core's TimeToDeadlineTimeout has no per-attempt
+    cap, and below one second left it falls back to the whole timeout.)"""
 
-    Transient errors are retried within ENQUEUE_DEADLINE_SECONDS. Fatal errors (no
-    queue, no credentials) raise FatalQueueError: every further call would meet them too.
+    def __init__(self, seconds: float) -> None:
+        self._end = time.monotonic() + seconds
+
+    def __call__(self, func: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(func)
+        def attempt(*args: Any, **kwargs: Any) -> Any:
+            left = self._end - time.monotonic()
+            kwargs["timeout"] = max(0.05, min(ATTEMPT_SECONDS, left))
+            return func(*args, **kwargs)
+
+        return attempt
+
+
+class TaskSink:
+    """One queue's tasks: create, look up, list and delete.
+
+    Transient errors are retried within a deadline (ENQUEUE_DEADLINE_SECONDS, or less
+    for a delete that must not land once its call may be firing), and no retry starts
+    once the run is stopping. Errors every further call would meet (no queue, no
+    credentials) raise QueueError.
     """
 
-    def __init__(
-        self, client: Any, config: Config, stop: threading.Event, queue: str | None = None
-    ) -> None:
+    def __init__(self, client: Any, config: Config, stop: threading.Event, queue: str) -> None:
         self._client = client
         self._config = config
         self._stop = stop
-        self.queue = queue or config.queue_name
-        self.queue_path = config.path_of(self.queue)
-        # Another shard's queue, where a reshard left some of this shard's calls.
-        self.foreign = self.queue != config.queue_name
+        self.queue = queue
+        self.queue_path = config.path_of(queue)
         self._get_denied = threading.Event()
         self._retry = retries.Retry(
             predicate=retries.if_exception_type(
@@ -1536,10 +1852,8 @@ class TaskSink:
             initial=0.25,
             maximum=4.0,
             multiplier=2.0,
-            timeout=config.enqueue_deadline_seconds,
             on_error=self._before_retry,
         )
-        self._timeout = timeouts.ConstantTimeout(10.0)
         self.pages = 0  # ListTasks pages read
 
     def _before_retry(self, exc: Exception) -> None:
@@ -1550,7 +1864,7 @@ class TaskSink:
 
     @contextlib.contextmanager
     def _fatal_errors(self, task_gone_ok: bool = False) -> Iterator[None]:
-        """Turn errors that every further call would meet into FatalQueueError."""
+        """Turn errors that every further call would meet into QueueError."""
         try:
             yield
         except gexc.NotFound as exc:
@@ -1558,19 +1872,23 @@ class TaskSink:
             # create or a listing has shown that the queue exists.
             if task_gone_ok:
                 raise
-            raise FatalQueueError(
+            raise QueueError(
                 f"Cloud Tasks queue {self.queue_path} not found: {exc.message}"
             ) from exc
         except gexc.Unauthenticated as exc:
-            raise FatalQueueError(f"Cloud Tasks rejected the credentials: {exc.message}") from exc
+            raise QueueError(f"Cloud Tasks rejected the credentials: {exc.message}") from exc
         except auth_exceptions.GoogleAuthError as exc:
-            raise FatalQueueError(f"no usable Google credentials for Cloud Tasks: {exc}") from exc
+            raise QueueError(f"no usable Google credentials for Cloud Tasks: {exc}") from exc
 
-    def _rpc(self, method: str, request: Any, task_gone_ok: bool = False) -> Any:
-        """Call one Cloud Tasks method with the retry policy."""
+    def _rpc(
+        self, method: str, request: Any, task_gone_ok: bool = False, seconds: float | None = None
+    ) -> Any:
+        """Call one Cloud Tasks method, retried within `seconds` (default
+        ENQUEUE_DEADLINE_SECONDS)."""
+        seconds = self._config.enqueue_deadline_seconds if seconds is None else seconds
         with self._fatal_errors(task_gone_ok):
             return getattr(self._client, method)(
-                request=request, retry=self._retry, timeout=self._timeout
+                request=request, retry=self._retry.with_timeout(seconds), timeout=_Deadline(seconds)
             )
 
     def _name(self, task_id: str) -> str:
@@ -1602,8 +1920,8 @@ class TaskSink:
         schedule.FromDatetime(call.instant)
         return tasks_v2.Task(name=self._name(task_id), http_request=request, schedule_time=schedule)
 
-    def create(self, call: Call, task_id: str) -> str:
-        """CreateTask: CREATED, EXISTING (the name is taken: ALREADY_EXISTS) or FAILED."""
+    def create(self, call: Call, task_id: str) -> Created:
+        """CreateTask; a failure is logged with the call and returned as FAILED."""
         from google.cloud import tasks_v2
 
         request = tasks_v2.CreateTaskRequest(
@@ -1612,9 +1930,9 @@ class TaskSink:
         extra = {"user_id": call.user_id, "task_id": task_id}
         try:
             self._rpc("create_task", request)
-            return CREATED
+            return Created.CREATED
         except gexc.AlreadyExists:
-            return EXISTING
+            return Created.TAKEN
         except gexc.RetryError as exc:
             log.error(
                 "could not create task within %ss: %s",
@@ -1624,7 +1942,7 @@ class TaskSink:
             )
         except gexc.GoogleAPICallError as exc:
             log.error("could not create task: %s %s", type(exc).__name__, exc.message, extra=extra)
-        return FAILED
+        return Created.FAILED
 
     def exists(self, task_id: str) -> bool:
         """Whether `task_id` is on the queue now (GetTask); errors raise."""
@@ -1651,18 +1969,20 @@ class TaskSink:
                 )
             return True
 
-    def delete(self, task_id: str) -> bool:
-        """Delete `task_id`; False when it was already gone (ran or deleted); errors raise."""
+    def delete(self, task_id: str, seconds: float) -> bool:
+        """Delete `task_id`, retried for at most `seconds`; False when it was already gone
+        (ran or deleted); errors raise."""
         from google.cloud import tasks_v2
 
+        request = tasks_v2.DeleteTaskRequest(name=self._name(task_id))
         try:
-            self._rpc("delete_task", tasks_v2.DeleteTaskRequest(name=self._name(task_id)), True)
+            self._rpc("delete_task", request, True, seconds)
             return True
         except gexc.NotFound:
             return False
 
-    def list_own(self, window: Window) -> dict[CallKey, set[int]]:
-        """This job's pending tasks of this shard with calls in `window`: the ids
+    def list_calls(self, window: Window, shard: Shard) -> dict[CallKey, set[int]]:
+        """This job's pending tasks of `shard` with calls in `window`: the ids
         (alternatives) of each call.
 
         ListTasks pages through the whole queue (1,000 a page, the largest allowed:
@@ -1672,28 +1992,25 @@ class TaskSink:
         """
         from google.cloud import tasks_v2
 
-        config = self._config
         request = tasks_v2.ListTasksRequest(
             parent=self.queue_path, page_size=1000, response_view=tasks_v2.Task.View.BASIC
         )
-        own: dict[CallKey, set[int]] = {}
+        found: dict[CallKey, set[int]] = {}
         with self._fatal_errors():  # later pages are fetched while iterating
             listing = self._rpc("list_tasks", request)
             for page in listing.pages:
                 self.pages += 1
                 for task in page.tasks:
                     name = parse_task_id(task.name.rsplit("/", 1)[-1])
-                    if name is None or name.user_id % config.task_count != config.task_index:
-                        continue
-                    if window.start <= name.instant < window.end:
-                        own.setdefault(name.key, set()).add(name.retry)
-        return own
+                    if name is not None and shard.holds(name.user_id) and name.instant in window:
+                        found.setdefault(name.key, set()).add(name.alternative)
+        return found
 
 
-class Queues:
+class TaskQueues:
     """The run's TaskSinks, one per queue, each made at its first use; one client.
 
-    Called with no queue, it gives this shard's own.
+    `own` is this shard's queue; `of(queue)` any other (a reshard left a call there).
     """
 
     def __init__(
@@ -1705,15 +2022,22 @@ class Queues:
         self._client: Any = None
         self._sinks: dict[str, TaskSink] = {}
         self._lock = threading.Lock()
-        self.fatal: FatalQueueError | None = None  # met by the listing: every call meets it
+        self.fatal: QueueError | None = None  # met once: every call meets it
 
-    def __call__(self, queue: str | None = None) -> TaskSink:
-        queue = queue or self._config.queue_name
+    @property
+    def own(self) -> TaskSink:
+        return self.of(self._config.queue_name)
+
+    def of(self, queue: str) -> TaskSink:
         with self._lock:
             if self.fatal is not None:
                 raise self.fatal
             if queue not in self._sinks:
-                self._client = self._client or self._make_client()
+                try:
+                    self._client = self._client or self._make_client()
+                except QueueError as exc:
+                    self.fatal = exc
+                    raise
                 self._sinks[queue] = TaskSink(self._client, self._config, self._stop, queue)
             return self._sinks[queue]
 
@@ -1741,13 +2065,543 @@ class RateLimiter:
 
 
 # ---------------------------------------------------------------------------
-# Run and summary
+# Placement: every rule of exactly once
 # ---------------------------------------------------------------------------
+
+
+class Outcome(enum.Enum):
+    """What became of one wanted call this run."""
+
+    CREATED = "created"  # its task was created now
+    EXISTING = "existing"  # its task is on the queue already, or ran
+    SKIPPED = "skipped"  # not made: its row was called already that local date
+    FAILED = "failed"  # logged; the next run tries again
+    NOT_ATTEMPTED = "not attempted"  # the run stopped (signal, lost queue or database)
+
+
+class Placed(NamedTuple):
+    outcome: Outcome
+    alternative: int | None = None  # the id the call keeps
+
+
+class Step(enum.Enum):
+    """What a wanted call needs, as far as the record and the listing tell (`Placement.look`)."""
+
+    KEEP = "keep"  # rule 1: an id the listing shows pending
+    TRUST = "trust"  # rule 2: the id recorded planned, its create confirmed
+    CREATE = "create"  # rule 2: the id recorded planned, created (again) on its queue
+    REPLACE = "replace"  # rules 1 and 3: ids being deleted and the call ahead: retire, then new
+    RESOLVE = "resolve"  # rule 3: ids being deleted and the call due: keep one still pending
+    NEW = "new"  # rule 4: the next id, recorded, then created
+
+
+class Intent(NamedTuple):
+    call: Call
+    step: Step
+    alternative: int
+    queue: str
+
+
+class Stale(NamedTuple):
+    """A task id of this shard and window that the plan does not keep."""
+
+    call: Call  # the call as far as it is known (a removed user's has no phone)
+    alternative: int
+    reason: str
+    queue: str  # where its task is
+    listed: bool  # the listing showed it pending
+    created: bool  # the record confirms its create
+    state: RecordState | None  # its recorded state (None: listed, never recorded)
+
+    @property
+    def key(self) -> CallKey:
+        return self.call.key
+
+    @property
+    def task_id(self) -> str:
+        return self.call.task_id(self.alternative)
+
+    def plan_line(self, own_queue: str) -> dict[str, Any]:
+        line = {"delete": self.task_id, "user_id": self.call.user_id, "reason": self.reason}
+        return line if self.queue == own_queue else {**line, "queue": self.queue}
+
+    def extra(self) -> dict[str, Any]:
+        return {"user_id": self.call.user_id, "task_id": self.task_id, "reason": self.reason}
+
+
+class Tally(NamedTuple):
+    """What retiring stale ids came to."""
+
+    deleted: int = 0  # tasks a DeleteTask removed
+    failed: int = 0
+    skipped: int = 0  # left: due within the firing margin
+
+
+class Placement:
+    """Every rule of "exactly once", in one place: which id a call gets, recording it
+    before creating it, confirming the create, and retiring a stale id.
+
+    1. **Record, then create, then confirm.** A call's id is written to
+       scheduled_calls (committed) before its task is created, and the create is
+       confirmed there afterwards. So every task the job made has a row, and a later
+       run tells an id surely created from one only recorded (its run died, or lost
+       its lock, before the create landed).
+    2. **The firing margin.** A task due within FIRING_MARGIN of the job's clock, or
+       past, may be firing: it is never deleted, and a refused name of it means "ran".
+    3. **The id of a wanted call** is the first of these that applies:
+       a. an id the listing shows pending (the one recorded planned, else the lowest):
+          nothing is created. Not an id being deleted while the call is still ahead: a
+          delete of it may still land, so it is retired and the call gets the next id;
+       b. the id recorded planned: with its create confirmed, a quick run trusts it,
+          and so does an hourly run for a call already past when it listed the queue;
+          otherwise it is created (again) on its recorded queue, where ALREADY_EXISTS
+          means it exists or ran. Still ahead and GetTask finds nothing: deleted
+          outside the job, so the next id (the old one recorded deleted);
+       c. ids only being deleted: still ahead, they are retired and the call gets the
+          next id; due or past, one that GetTask finds pending is kept, and without one
+          nothing is created ("cannot tell whether this call already ran");
+       d. otherwise the next id after every recorded one: the base id for a call
+          without a row.
+       A recorded id is created again only while its call is younger than
+       MAX_RECREATE_AGE: older, Cloud Tasks may have forgotten a name that ran.
+    4. **At most one call per row and local date.** A call is not made, and its ids
+       are retired, when its row has another call that local date that may have run
+       or may be firing: an id that is not `deleted`, due within the margin or past.
+    5. **Retiring a stale id** is mark, delete, confirm: marked `deleting`
+       (committed), deleted, and marked `deleted` only when DeleteTask answered while
+       the call was still ahead, so surely before it ran. An id whose create was never
+       confirmed is created first, then deleted: a create still in flight from a run
+       that lost its lock then meets ALREADY_EXISTS for an hour. No delete is attempted
+       or retried once its call is within the margin; an id marked but left that way
+       gets its earlier state back. A stale id within the margin is left (and said so).
+    6. **Only while holding the run lock.** Before every batch that creates or
+       deletes, the run checks it still holds its shard's lock; after any failed write
+       to the record it creates and deletes nothing more.
+    7. **A typo never cancels a call.** The ids of a user whose row is invalid this
+       run are kept; `run` reads the row of a user whose ids look stale but whose row
+       the window's query did not return, before anything is retired.
+    """
+
+    def __init__(
+        self,
+        record: CallRecord,
+        queues: TaskQueues,
+        writer: Writer,
+        config: Config,
+        clock: Clock,
+        stop: threading.Event,
+        listing: Mapping[CallKey, set[int]] | None,
+        quick: bool = False,
+    ) -> None:
+        self.record = record
+        self.queues = queues
+        self.writer = writer
+        self.config = config
+        self.clock = clock
+        self.stop = stop
+        self.listing = listing
+        self.quick = quick  # a quick run trusts the record's confirmed creates
+        self.listed_at = clock()
+        self.own_queue = config.queue_name
+        self._confirmed: list[Entry] = []
+        self._lock = threading.Lock()
+        self.replaced = Tally()  # ids retired while placing (rule 3), for the summary
+        # Every call of each user this run knows of (record and listing), for rule 4.
+        self._by_user: dict[int, set[CallKey]] = {}
+        for key in [*record.keys(), *(listing or {})]:
+            self._by_user.setdefault(key.user_id, set()).add(key)
+
+    # -- the one predicate of the margin -----------------------------------------
+
+    def firing(self, instant: dt.datetime) -> bool:
+        """Due within FIRING_MARGIN of the job's clock, or past: it may be firing."""
+        return instant <= self.clock() + FIRING_MARGIN
+
+    # -- choosing ----------------------------------------------------------------
+
+    def look(self, call: Call) -> Intent:
+        """What `call` needs by rule 3, from the record and the listing alone."""
+        ids = self.record.ids(call.key)
+        listed = self.listing.get(call.key, set()) if self.listing is not None else set()
+        following = max([*ids, *listed], default=-1) + 1
+        if listed:
+            keepable = [a for a in sorted(listed) if a not in ids or ids[a].state is not DELETING]
+            planned = [a for a in keepable if a in ids and ids[a].state is PLANNED]
+            if planned or keepable:
+                return Intent(call, Step.KEEP, (planned or keepable)[0], self.own_queue)
+            if not self.firing(call.instant):
+                return Intent(call, Step.REPLACE, following, self.own_queue)
+            return Intent(call, Step.KEEP, min(listed), self.own_queue)
+        planned = sorted(a for a, r in ids.items() if r.state is PLANNED)
+        if planned:
+            recorded = ids[planned[-1]]
+            # A quick run trusts a confirmed create; an hourly one only for a call past
+            # when it listed the queue (pending, it would have been listed).
+            listed_past = self.listing is not None and call.instant <= self.listed_at
+            trusted = self.quick or listed_past
+            step = Step.TRUST if recorded.created and trusted else Step.CREATE
+            return Intent(call, step, planned[-1], recorded.queue)
+        if any(r.state is DELETING for r in ids.values()):
+            step = Step.RESOLVE if self.firing(call.instant) else Step.REPLACE
+            return Intent(call, step, following, self.own_queue)
+        return Intent(call, Step.NEW, following, self.own_queue)
+
+    def called_that_day(self, call: Call, elsewhere: Iterable[dt.datetime] = ()) -> bool:
+        """Rule 4: the row has another call on `call`'s local date that may have run or
+        may be firing. `elsewhere`: instants of such calls read beyond the window."""
+        day = call.local_date()
+        nearby = [
+            key.instant
+            for key in self._by_user.get(call.user_id, ())
+            if key.instant != call.instant and self._live(key)
+        ]
+        return any(
+            t != call.instant and self.firing(t) and call.local_date(t) == day
+            for t in [*nearby, *elsewhere]
+        )
+
+    def _live(self, key: CallKey) -> bool:
+        """An id of `key` is pending, or may be: listed, or recorded and not deleted."""
+        listed = self.listing is not None and bool(self.listing.get(key))
+        return listed or any(r.state is not DELETED for r in self.record.ids(key).values())
+
+    def prepare(self, calls: Sequence[Call]) -> list[Intent | Placed]:
+        """Rules 3, 4 and 6 for one batch: check the lock, apply rule 4, record the new
+        ids and the kept listed ones (one commit), and confirm the creates of earlier
+        batches. What needs no Cloud Tasks call comes back as Placed already."""
+        self.writer.assert_locked()
+        intents = [self.look(call) for call in calls]
+        fresh = [i for i in intents if i.step is Step.NEW]
+        elsewhere = self._earlier_calls([i.call for i in fresh])
+        decided: list[Intent | Placed] = []
+        writes, new = self._take_confirmed(), []
+        for intent in intents:
+            call = intent.call
+            creates = intent.step not in (Step.KEEP, Step.TRUST)
+            if (creates or not self.firing(call.instant)) and self.called_that_day(
+                call, elsewhere.get(call.user_id, ())
+            ):
+                decided.append(Placed(Outcome.SKIPPED))
+                continue
+            if intent.step is Step.KEEP:
+                writes.append(Entry(call.key, intent.alternative, PLANNED, created=True))
+                decided.append(Placed(Outcome.EXISTING, intent.alternative))
+            elif intent.step is Step.TRUST:
+                decided.append(Placed(Outcome.EXISTING, intent.alternative))
+            else:
+                if intent.step is Step.NEW:
+                    new.append(Entry(call.key, intent.alternative, PLANNED))
+                decided.append(intent)
+        self.record.write(writes)
+        queues = self.record.claim(new)
+        return [
+            d._replace(queue=queues[(d.call.key, d.alternative)])
+            if isinstance(d, Intent) and d.step is Step.NEW
+            else d
+            for d in decided
+        ]
+
+    def _earlier_calls(self, calls: Sequence[Call]) -> dict[int, set[dt.datetime]]:
+        """For rule 4: the users' calls that may have run, read from the table as far
+        back as a local date reaches."""
+        if not calls:
+            return {}
+        start = min(c.instant for c in calls) - DAY_REACH
+        return self.record.instants_of(
+            {c.user_id for c in calls}, start, self.clock() + FIRING_MARGIN
+        )
+
+    def flush(self) -> None:
+        """Confirm the creates not yet confirmed (one commit)."""
+        self.record.write(self._take_confirmed())
+
+    def _take_confirmed(self) -> list[Entry]:
+        with self._lock:
+            taken, self._confirmed = self._confirmed, []
+        return taken
+
+    def _confirm(self, key: CallKey, alternative: int) -> None:
+        with self._lock:
+            self._confirmed.append(Entry(key, alternative, PLANNED, created=True))
+
+    # -- placing -----------------------------------------------------------------
+
+    def place(self, intent: Intent) -> Placed:
+        """Carry out `intent` (from `prepare`) with the Cloud Tasks calls it needs."""
+        call, alternative, queue = intent.call, intent.alternative, intent.queue
+        extra = {"user_id": call.user_id, "task_id": call.task_id(alternative)}
+        try:
+            if intent.step is Step.RESOLVE:
+                return self._resolve(call)
+            if intent.step is Step.REPLACE:
+                if not self._replace(call):
+                    return Placed(Outcome.FAILED)
+                if self.called_that_day(call, self._earlier_calls([call]).get(call.user_id, ())):
+                    return Placed(Outcome.SKIPPED)
+                new = Entry(call.key, alternative, PLANNED)
+                queue = self.record.claim([new])[(call.key, alternative)]
+            elif intent.step is Step.CREATE and call.instant < self.clock() - MAX_RECREATE_AGE:
+                log.error(
+                    "call too old to tell whether its task ran; not created again", extra=extra
+                )
+                return Placed(Outcome.FAILED, alternative)
+            return self._create(call, alternative, queue)
+        except QueueError as exc:
+            if queue == self.own_queue:
+                raise
+            # Only this call's recorded queue is gone (a leftover queue deleted too early):
+            # it may have run there, so nothing is created elsewhere.
+            log.error("the queue this call was recorded on is unusable: %s", exc, extra=extra)
+        except (gexc.GoogleAPICallError, gexc.RetryError) as exc:
+            log.error("could not look a task up: %s", exc, extra=extra)
+        except DatabaseError as exc:
+            log.error("could not record a task id, so created no task: %s", exc, extra=extra)
+        return Placed(Outcome.FAILED, alternative)
+
+    def _create(self, call: Call, alternative: int, queue: str) -> Placed:
+        """Create the recorded id; rule 3b when its name is taken."""
+        while True:
+            if self.stop.is_set() or self.writer.failed:
+                return Placed(Outcome.NOT_ATTEMPTED)
+            sink = self.queues.of(queue)
+            created = sink.create(call, call.task_id(alternative))
+            if created is Created.FAILED:
+                return Placed(Outcome.FAILED, alternative)
+            if created is Created.CREATED or self.firing(call.instant):
+                self._confirm(call.key, alternative)
+                outcome = Outcome.CREATED if created is Created.CREATED else Outcome.EXISTING
+                return Placed(outcome, alternative)
+            # Taken, and still ahead: pending, or deleted outside the job.
+            if sink.exists_or_unknown(call.task_id(alternative)) or self.firing(call.instant):
+                self._confirm(call.key, alternative)
+                return Placed(Outcome.EXISTING, alternative)
+            extra = {"user_id": call.user_id, "task_id": call.task_id(alternative)}
+            if alternative >= MAX_ALTERNATIVE:
+                log.error("every task id of this call was deleted outside the job", extra=extra)
+                return Placed(Outcome.FAILED, alternative)
+            log.warning(
+                "task deleted outside the job before its time; creating it again under the next id",
+                extra={**extra, "next": call.task_id(alternative + 1)},
+            )
+            self.writer.assert_locked()
+            queues = self.record.claim(
+                [
+                    Entry(call.key, alternative, DELETED, "deleted outside the job"),
+                    Entry(call.key, alternative + 1, PLANNED),
+                ]
+            )
+            alternative += 1
+            queue = queues[(call.key, alternative)]
+
+    def _resolve(self, call: Call) -> Placed:
+        """Rule 3c, the call due or past: keep an id still pending, else fail loudly."""
+        ids = self.record.ids(call.key)
+        for alternative in sorted(ids, reverse=True):
+            recorded = ids[alternative]
+            if recorded.state is DELETING and self.queues.of(recorded.queue).exists(
+                call.task_id(alternative)
+            ):
+                self.record.write([Entry(call.key, alternative, PLANNED, created=True)])
+                return Placed(Outcome.EXISTING, alternative)
+        log.error(
+            "cannot tell whether this call already ran: its task was being deleted"
+            " and is gone; not created again, so that it is not made twice",
+            extra={"user_id": call.user_id, "task_id": call.task_id()},
+        )
+        return Placed(Outcome.FAILED)
+
+    def _replace(self, call: Call) -> bool:
+        """Rules 3a and 3c, the call ahead: retire every id being deleted (and any the
+        listing shows); True when all are gone."""
+        ids = self.record.ids(call.key)
+        listed = self.listing.get(call.key, set()) if self.listing is not None else set()
+        doomed = [
+            self._stale(call, a, "replaced: a delete of it was never confirmed", ids, listed)
+            for a in sorted({*listed, *(a for a, r in ids.items() if r.state is DELETING)})
+        ]
+        tally = self.retire(doomed)
+        with self._lock:
+            self.replaced = Tally(*(a + b for a, b in zip(self.replaced, tally, strict=True)))
+        return tally.failed == 0 and tally.skipped == 0
+
+    # -- retiring ----------------------------------------------------------------
+
+    def stale(
+        self,
+        phones: Mapping[int, str],
+        kept: Mapping[CallKey, int],
+        protected: AbstractSet[CallKey],
+        invalid_users: AbstractSet[int],
+        paused: AbstractSet[CallKey],
+        skipped: AbstractSet[CallKey],
+    ) -> list[Stale]:
+        """The ids of this shard's calls in the window that the plan does not keep:
+        recorded (not deleted) or listed ids of calls nobody wants, and every other id
+        of a call that keeps one. `phones`: the numbers of the users this run planned
+        (a stale id whose create must be taken first needs its body); a call that is
+        `protected` (its placement failed or was cut short) keeps all its ids,
+        as does a user whose row is invalid (rule 7)."""
+        planned_users = {key.user_id for key in kept} | {key.user_id for key in skipped}
+        found = []
+        for key in sorted({*self.record.keys(), *(self.listing or {})}):
+            if key in protected:
+                continue
+            ids = self.record.ids(key)
+            listed = self.listing.get(key, set()) if self.listing is not None else set()
+            live = sorted({*listed, *(a for a, r in ids.items() if r.state is not DELETED)})
+            zone = self.config.default_timezone
+            call = Call(key.user_id, phones.get(key.user_id, ""), key.instant, zone)
+            if key in kept:
+                keep = call.task_id(kept[key])
+                found += [
+                    self._stale(call, a, f"duplicate of {keep}", ids, listed)
+                    for a in live
+                    if a != kept[key]
+                ]
+                continue
+            if key.user_id in invalid_users:
+                if live:
+                    log.warning(
+                        "kept the tasks of an invalid row",
+                        extra={"user_id": key.user_id, "task_id": call.task_id()},
+                    )
+                continue
+            if key in paused:
+                reason = "paused"
+            elif key in skipped:
+                reason = "the row was already called that day"
+            elif key.user_id in planned_users:
+                reason = "call time or weekday changed"
+            else:
+                reason = "no call in the window: user inactive, removed or schedule changed"
+            found += [self._stale(call, a, reason, ids, listed) for a in live]
+        return found
+
+    def _stale(
+        self,
+        call: Call,
+        alternative: int,
+        reason: str,
+        ids: Mapping[int, Recorded],
+        listed: set[int],
+    ) -> Stale:
+        recorded = ids.get(alternative)
+        on_queue = alternative in listed
+        queue = self.own_queue if on_queue or recorded is None else recorded.queue
+        return Stale(
+            call, alternative, reason, queue, on_queue,
+            bool(recorded and recorded.created), recorded.state if recorded else None,
+        )  # fmt: skip
+
+    def leave(self, items: Iterable[Stale]) -> tuple[list[Stale], int]:
+        """Rule 2 for stale ids: those still ahead, and how many are left because they
+        may be firing (each logged). An id not pending that is surely past (it ran, or
+        was never created) is neither."""
+        ahead, left = [], 0
+        for item in items:
+            if not self.firing(item.key.instant):
+                ahead.append(item)
+            elif item.listed or (
+                self.listing is None and item.key.instant > self.clock() - FIRING_MARGIN
+            ):
+                log.warning(
+                    "stale task left on the queue: it is due within %ds and may be firing",
+                    FIRING_MARGIN.total_seconds(),
+                    extra=item.extra(),
+                )
+                left += 1
+        return ahead, left
+
+    def retire(self, items: Sequence[Stale], pool: ThreadPoolExecutor | None = None) -> Tally:
+        """Rule 5 for `items`, RECORD_BATCH at a time (rule 6 before each batch)."""
+        items, skipped = self.leave(items)
+        tally = Tally(skipped=skipped)
+        own_pool = pool is None
+        pool = pool or ThreadPoolExecutor(self.config.enqueue_concurrency, "retire")
+        try:
+            for chunk in chunks(items, RECORD_BATCH):
+                tally = self._retire_batch(chunk, pool, tally)
+                if self.stop.is_set() or self.writer.failed:
+                    return tally._replace(failed=tally.failed + len(items) - len(chunk))
+        finally:
+            if own_pool:
+                pool.shutdown()
+        return tally
+
+    def _retire_batch(self, chunk: list[Stale], pool: ThreadPoolExecutor, tally: Tally) -> Tally:
+        try:
+            self.writer.assert_locked()
+            self.record.write(
+                [Entry(i.key, i.alternative, DELETING, i.reason, i.queue) for i in chunk]
+            )
+        except DatabaseError as exc:
+            log.critical("could not record the stale tasks, so deleted none: %s", exc)
+            return tally._replace(failed=tally.failed + len(chunk))
+        confirmed = []
+        for item, result in zip(chunk, pool.map(self._retire_one, chunk), strict=True):
+            if result is None:
+                tally = tally._replace(failed=tally.failed + 1)
+            elif result == "left":
+                tally = tally._replace(skipped=tally.skipped + 1)
+            else:
+                tally = tally._replace(deleted=tally.deleted + (result == "deleted"))
+                if not self.firing(item.key.instant):
+                    confirmed.append(Entry(item.key, item.alternative, DELETED, item.reason))
+        try:
+            self.record.write(confirmed)
+        except DatabaseError as exc:  # they stay "deleting": safe, only less certain
+            log.critical("could not confirm deleted tasks: %s", exc)
+            return tally._replace(failed=tally.failed + len(confirmed))
+        return tally
+
+    def _retire_one(self, item: Stale) -> str | None:
+        """Delete one marked id: "deleted", "gone" (already), "left" (too close now, its
+        earlier state back), or None (failed, logged)."""
+        extra = (
+            item.extra() if item.queue == self.own_queue else {**item.extra(), "queue": item.queue}
+        )
+        try:
+            if self.stop.is_set() or self.writer.failed:
+                return None
+            left = (item.key.instant - FIRING_MARGIN - self.clock()).total_seconds()
+            if left <= 0:
+                log.warning(
+                    "stale task left on the queue: it is due within %ds and may be firing",
+                    FIRING_MARGIN.total_seconds(),
+                    extra=item.extra(),
+                )
+                if item.state is not None:
+                    self.record.write([Entry(item.key, item.alternative, item.state, item.reason)])
+                return "left"
+            sink = self.queues.of(item.queue)
+            # A create of it may still be in flight: take the name first.
+            taken = item.listed or item.created
+            if not taken and sink.create(item.call, item.task_id) is Created.FAILED:
+                return None
+            gone = sink.delete(item.task_id, min(left, self.config.enqueue_deadline_seconds))
+        except (gexc.GoogleAPICallError, gexc.RetryError, QueueError, DatabaseError) as exc:
+            log.error("could not delete a stale task: %s", exc, extra=extra)
+            return None
+        if gone:
+            log.info("deleted a stale task", extra=extra)
+        return "deleted" if gone else "gone"
+
+
+# ---------------------------------------------------------------------------
+# Run and check
+# ---------------------------------------------------------------------------
+
+# The one line of a dry run that plans without the queue (a laptop's local run).
+QUEUE_NOT_READ = (
+    "queue not read (%s): the plan cannot tell which calls are queued already,"
+    " and stale tasks are not looked for"
+)
 
 
 @dataclasses.dataclass
 class RunSummary:
-    """Counters of one run; the last stdout line is this object as JSON."""
+    """Counters of one run; the last stdout line is this object as JSON. They change
+    only through its methods."""
 
     users_scanned: int = 0
     calls_planned: int = 0
@@ -1766,7 +2620,10 @@ class RunSummary:
     window_end: str = ""
     error: str | None = None
     interrupted: bool = False
-    peak_minute: dict[str, Any] | None = None  # dry runs: the next 24 hours' busiest minute
+    peak_minute: dict[str, Any] | None = None  # always null: `--check` reports it
+    changes: bool = False  # a quick run (--changes)
+    calls_skipped: int = 0  # not made: the row was called already that local date
+    calls_missed: int = 0  # named by the audit: no complete run covered them
 
     @property
     def exit_code(self) -> int:
@@ -1774,12 +2631,68 @@ class RunSummary:
 
         1 when anything was left undone: a failed or unattempted task, a stale task that
         could not be deleted, a database or queue error, or a stop by signal. Invalid
-        rows are reported, not failed on; so is a stale task left because it was due
-        within FIRING_MARGIN (`deletes_skipped`). A missing table or grant never gets
-        here: `main` exits 2 before anything is done.
+        rows are reported, not failed on; so are a stale task left because it was due
+        within FIRING_MARGIN (`deletes_skipped`), a call not repeated on one local date
+        (`calls_skipped`) and the missed calls the audit names (`calls_missed`: past
+        runs missed them, this one did not). A missing table or grant never gets here:
+        `main` exits 2 before anything is done.
         """
         undone = self.tasks_failed or self.tasks_not_attempted or self.deletes_failed
         return 1 if (undone or self.error or self.interrupted) else 0
+
+    def begin(self, window: Window) -> None:
+        self.window_start, self.window_end = window.start.isoformat(), window.end.isoformat()
+
+    def scanned(self) -> None:
+        self.users_scanned += 1
+
+    def invalid(self, row: UserRow, reason: InvalidRow) -> None:
+        """Count an invalid row, with its one log line: ERROR, so that alerting counts it."""
+        self.rows_invalid += 1
+        log.error(
+            "invalid row skipped: %s",
+            reason,
+            extra={
+                "user_id": row.id,
+                "column": reason.column,
+                "phone": mask_phone(row.phone_number),
+            },
+        )
+
+    def planned(self) -> None:
+        self.calls_planned += 1
+
+    def placed(self, outcome: Outcome) -> None:
+        if outcome is Outcome.CREATED:
+            self.tasks_created += 1
+        elif outcome is Outcome.EXISTING:
+            self.tasks_existing += 1
+        elif outcome is Outcome.SKIPPED:
+            self.calls_skipped += 1
+        elif outcome is Outcome.NOT_ATTEMPTED:
+            self.tasks_not_attempted += 1
+        else:
+            self.tasks_failed += 1
+
+    def retired(self, tally: Tally) -> None:
+        self.tasks_deleted += tally.deleted
+        self.deletes_failed += tally.failed
+        self.deletes_skipped += tally.skipped
+
+    def purged(self, rows: int) -> None:
+        self.records_purged += rows
+
+    def missed(self, call: Call) -> None:
+        """Name a call no complete run covered: ERROR, one line, so that alerting counts it."""
+        self.calls_missed += 1
+        log.error(
+            "call missed: no complete run covered it",
+            extra={
+                "user_id": call.user_id,
+                "scheduled_at": call.scheduled_at,
+                "phone": mask_phone(call.phone_number),
+            },
+        )
 
     def fail(self, message: str) -> None:
         """Record a run-level failure (the first one wins); log each distinct one once."""
@@ -1787,227 +2700,106 @@ class RunSummary:
             log.critical("%s", message)
         self.error = self.error or message
 
-    def count(self, outcome: str) -> None:
-        if outcome == CREATED:
-            self.tasks_created += 1
-        elif outcome == EXISTING:
-            self.tasks_existing += 1
-        else:
-            self.tasks_failed += 1
 
+@dataclasses.dataclass
+class Seen:
+    """What planning learnt besides the calls, for retiring: the users whose rows were
+    read, their phones, the invalid ones, and the calls a pause leaves out."""
 
-Clock = Callable[[], dt.datetime]
-T = TypeVar("T")
+    users: set[int] = dataclasses.field(default_factory=set)
+    phones: dict[int, str] = dataclasses.field(default_factory=dict)
+    invalid: set[int] = dataclasses.field(default_factory=set)
+    paused: set[CallKey] = dataclasses.field(default_factory=set)
 
 
 def plan(
-    rows: Iterator[UserRow],
+    rows: Iterable[UserRow],
     config: Config,
     window: Window,
     summary: RunSummary,
     stop: threading.Event,
-    invalid_users: set[int],
-    paused: set[CallKey] | None = None,
+    seen: Seen,
 ) -> Iterator[Call]:
     """Validate and plan rows as they stream in, counting scanned, invalid and planned.
 
     Nothing is held: memory stays flat however large the table. A stop signal ends the
     stream. So does a database failure, recorded in `summary`; the calls yielded
-    before it are still enqueued, and the next run completes the rest. The ids of
-    invalid rows go to `invalid_users`, so that reconciling leaves their tasks alone,
-    and the calls that a pause leaves out go to `paused`, so that it can say why.
+    before it are still placed, and the next run completes the rest.
     """
     try:
         for row in rows:
             if stop.is_set():
                 return
-            summary.users_scanned += 1
+            summary.scanned()
+            seen.users.add(row.id)
             try:
                 setting = parse_row(row, config.default_timezone, config.phone_region)
             except InvalidRow as reason:
-                summary.rows_invalid += 1
-                invalid_users.add(row.id)
-                log_invalid(row, reason)
+                seen.invalid.add(row.id)
+                summary.invalid(row, reason)
                 continue
-            if setting is not None:
-                left_out: list[dt.datetime] = []
-                for call in plan_calls(setting, window, left_out):
-                    summary.calls_planned += 1
-                    yield call
-                if paused is not None:
-                    paused.update(CallKey(setting.user_id, t) for t in left_out)
+            if setting is None:
+                continue
+            seen.phones[setting.user_id] = setting.phone_number
+            left_out: list[dt.datetime] = []
+            for call in plan_calls(setting, window, left_out):
+                summary.planned()
+                yield call
+            seen.paused.update(CallKey(setting.user_id, t) for t in left_out)
     except DatabaseError as exc:
         summary.fail(str(exc))
 
 
-def log_invalid(row: UserRow, reason: InvalidRow) -> None:
-    """The one log line of an invalid row: ERROR, so that alerting can count it."""
-    log.error(
-        "invalid row skipped: %s",
-        reason,
-        extra={"user_id": row.id, "column": reason.column, "phone": mask_phone(row.phone_number)},
-    )
+@dataclasses.dataclass
+class Placements:
+    """What became of the wanted calls, for retiring: the id each keeps, those whose
+    placement failed or was cut short (they keep every id), those not repeated today."""
 
+    kept: dict[CallKey, int] = dataclasses.field(default_factory=dict)
+    protected: set[CallKey] = dataclasses.field(default_factory=set)
+    skipped: set[CallKey] = dataclasses.field(default_factory=set)
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
-def choose_ids(
-    calls: Iterable[Call],
-    record: CallRecord,
-    pending: Mapping[CallKey, set[int]] | None,
-    chosen: dict[CallKey, int],
-) -> Iterator[list[tuple[Call, Choice]]]:
-    """Batches of up to RECORD_BATCH calls, each with the id `record` chooses for it.
-
-    With a listing (`pending`), every call's id also goes to `chosen`, which is what
-    reconciling keeps.
-    """
-    for batch in _chunks(calls, RECORD_BATCH):
-        choices = []
-        for call in batch:
-            choice = record.choose(call.key, None if pending is None else pending.get(call.key))
-            if pending is not None:
-                chosen[call.key] = choice.alternative
-            choices.append((call, choice))
-        yield choices
-
-
-def _chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
-    """Consecutive lists of up to `size` items, read lazily."""
-    iterator = iter(items)
-    while chunk := list(itertools.islice(iterator, size)):
-        yield chunk
-
-
-def place(
-    call: Call, choice: Choice, sinks: Callable[..., TaskSink], record: CallRecord, clock: Clock
-) -> str:
-    """Make sure the call's chosen id is on its queue or has run: CREATED, EXISTING, FAILED.
-
-    The id is recorded already, or, when an earlier id's delete was never confirmed,
-    recorded here once that task is known not to be pending and not to have run.
-    Each id is created on the queue its row names (`sinks` gives the queue's sink).
-    ALREADY_EXISTS means the task exists or ran within the hour (a recorded id is
-    created again only while younger than MAX_RECREATE_AGE). The one exception is a
-    call still more than FIRING_MARGIN ahead of the job's clock that GetTask cannot
-    find: someone deleted it outside the job, so it gets the next id, recorded (old id
-    deleted, new planned, one statement) before it is created.
-    """
-    key, alternative = call.key, choice.alternative
-    extra = {"user_id": call.user_id, "task_id": call.task_id(alternative)}
-    queue = choice.queue
-
-    def ahead() -> bool:
-        """Still too far ahead to have fired, by the job's clock now."""
-        return call.instant > clock() + FIRING_MARGIN
-
-    try:
-        if alternative > MAX_ALTERNATIVE:
-            log.error("every task id of this call was used up; not created", extra=extra)
-            return FAILED
-        if choice.recorded and call.instant < clock() - MAX_RECREATE_AGE:
-            log.error("call too old to tell whether its task ran; not created again", extra=extra)
-            return FAILED
-        if choice.unconfirmed:
-            # The run that began deleting it died, or its delete failed: the task may be
-            # pending (keep it), deleted (make a new one), or may have run (create none).
-            for earlier, earlier_queue in reversed(choice.unconfirmed):
-                if sinks(earlier_queue).exists(call.task_id(earlier)):
-                    record.write([Entry(key, earlier, PLANNED)])
-                    return EXISTING
-            if not ahead():
-                log.error(
-                    "cannot tell whether this call already ran: its task was being deleted"
-                    " and is gone; not created again, so that it is not made twice",
-                    extra=extra,
-                )
-                return FAILED
-            queue = record.claim([Entry(key, alternative, PLANNED)])[(key, alternative)]
-        while True:
-            sink = sinks(queue)
-            outcome = sink.create(call, call.task_id(alternative))
-            if outcome != EXISTING or not ahead():
-                return outcome
-            if sink.exists_or_unknown(call.task_id(alternative)) or not ahead():
-                return EXISTING  # pending, or GetTask was slow and it may have run since
-            if alternative >= MAX_ALTERNATIVE:
-                log.error("every task id of this call was deleted outside the job", extra=extra)
-                return FAILED
-            log.warning(
-                "task deleted outside the job before its time; creating it again under the next id",
-                extra={**extra, "next": call.task_id(alternative + 1)},
-            )
-            homes = record.claim(
-                [
-                    Entry(key, alternative, DELETED, "deleted outside the job", sink.queue),
-                    Entry(key, alternative + 1, PLANNED),
-                ]
-            )
-            alternative += 1
-            queue = homes[(key, alternative)]
-    except FatalQueueError as exc:
-        if queue is None or queue == record.own_queue:
-            raise
-        # Only this call's recorded queue is gone (a leftover queue deleted too early):
-        # it may have run there, so nothing is created elsewhere.
-        log.error("the queue this call was recorded on is unusable: %s", exc, extra=extra)
-    except (gexc.GoogleAPICallError, gexc.RetryError) as exc:
-        log.error("could not look a task up: %s", exc, extra=extra)
-    except DatabaseError as exc:
-        log.error("could not record a task id, so created no task: %s", exc, extra=extra)
-    return FAILED
+    def add(self, key: CallKey, placed: Placed, summary: RunSummary) -> None:
+        with self.lock:
+            summary.placed(placed.outcome)
+            if placed.outcome is Outcome.SKIPPED:
+                self.skipped.add(key)
+            elif placed.outcome in (Outcome.CREATED, Outcome.EXISTING):
+                assert placed.alternative is not None
+                self.kept[key] = placed.alternative
+            else:
+                self.protected.add(key)
 
 
 def enqueue(
-    sinks: Callable[..., TaskSink],
-    batches: Iterable[list[tuple[Call, Choice]]],
-    record: CallRecord,
+    placement: Placement,
+    calls: Iterable[Call],
     config: Config,
     summary: RunSummary,
     stop: threading.Event,
-    clock: Clock,
+    placements: Placements,
 ) -> None:
-    """Record each batch's new ids (one commit), then place its calls: at most
-    ENQUEUE_CONCURRENCY in flight, rate-capped.
-
-    The sink is made at the first call that needs the queue, so a run with nothing to
-    do needs none. After a fatal queue or database error the remaining calls are
-    counted, not tried.
-    """
+    """Place `calls` RECORD_BATCH at a time: each batch prepared (the lock checked, new
+    ids recorded in one commit), then its Cloud Tasks calls made at most
+    ENQUEUE_CONCURRENCY at a time, rate-capped. After a fatal queue or database error,
+    or a stop, the rest are counted, not tried."""
     slots = threading.BoundedSemaphore(config.enqueue_concurrency)
     limiter = RateLimiter(config.enqueue_max_per_second)
-    lock = threading.Lock()
-    fatal = threading.Event()
-    sink: TaskSink | None = None
-    homes: dict[tuple[CallKey, int], str] = {}
+    fatal: list[JobError] = []
 
-    def give_up(exc: Exception) -> None:
-        with lock:
-            if not fatal.is_set():
-                fatal.set()
-                summary.fail(str(exc))
-
-    def done(future: Future[str]) -> None:
+    def done(intent: Intent, future: Any) -> None:
         slots.release()
         exc = future.exception()
-        if isinstance(exc, FatalQueueError):
-            give_up(exc)
-            with lock:
-                summary.tasks_not_attempted += 1
-            return
-        with lock:
-            if exc is not None:
-                log.error("unexpected error creating a task: %r", exc)
-                summary.tasks_failed += 1
-            else:
-                summary.count(future.result())
-
-    def not_attempted(calls: Sequence[tuple[Call, Choice]]) -> None:
-        """Count calls left undone; those the listing shows pending are done anyway."""
-        with lock:
-            for _, choice in calls:
-                if choice.pending:
-                    summary.count(EXISTING)
-                else:
-                    summary.tasks_not_attempted += 1
+        if isinstance(exc, QueueError):
+            fatal.append(exc)
+            summary.fail(str(exc))
+            placements.add(intent.call.key, Placed(Outcome.NOT_ATTEMPTED), summary)
+        elif exc is not None:
+            log.error("unexpected error placing a call: %r", exc)
+            placements.add(intent.call.key, Placed(Outcome.FAILED), summary)
+        else:
+            placements.add(intent.call.key, future.result(), summary)
 
     def wait_for_slot() -> bool:
         while not slots.acquire(timeout=0.2):
@@ -2015,182 +2807,49 @@ def enqueue(
                 return False
         return True
 
-    with ThreadPoolExecutor(config.enqueue_concurrency, thread_name_prefix="enqueue") as pool:
-        for batch in batches:
-            if stop.is_set():
-                not_attempted(batch)
-                break
-            if not fatal.is_set():
-                new = [Entry(c.key, ch.alternative, PLANNED) for c, ch in batch if ch.record_first]
+    with ThreadPoolExecutor(config.enqueue_concurrency, thread_name_prefix="place") as pool:
+        for batch in chunks(calls, RECORD_BATCH):
+            decided: Sequence[Intent | Placed] = []
+            if not (fatal or stop.is_set()):
                 try:
-                    homes = record.claim(new)
+                    decided = placement.prepare(batch)
                 except DatabaseError as exc:
-                    give_up(exc)
-            for i, (call, choice) in enumerate(batch):
-                if choice.record_first and not choice.pending:
-                    choice = choice._replace(queue=homes.get((call.key, choice.alternative)))
-                if not choice.pending and sink is None and not fatal.is_set():
-                    try:
-                        sink = sinks()
-                    except FatalQueueError as exc:
-                        give_up(exc)
-                if choice.pending or fatal.is_set():
-                    not_attempted([(call, choice)])
+                    fatal.append(exc)
+                    summary.fail(str(exc))
+            for i, call in enumerate(batch):
+                outcome = decided[i] if decided else Placed(Outcome.NOT_ATTEMPTED)
+                if isinstance(outcome, Intent) and (fatal or not wait_for_slot()):
+                    outcome = Placed(Outcome.NOT_ATTEMPTED)
+                if isinstance(outcome, Placed):
+                    placements.add(call.key, outcome, summary)
                     continue
-                if stop.is_set() or not wait_for_slot():
-                    not_attempted(batch[i:])
-                    break
                 limiter.wait()
-                pool.submit(place, call, choice, sinks, record, clock).add_done_callback(done)
+                future = pool.submit(placement.place, outcome)
+                future.add_done_callback(functools.partial(done, outcome))
+    try:
+        placement.flush()
+    except DatabaseError as exc:  # the creates stay unconfirmed: the next run confirms them
+        summary.fail(str(exc))
 
 
-class Stale(NamedTuple):
-    """A listed task the plan no longer wants."""
-
-    key: CallKey
-    alternative: int
-    reason: str
-    queue: str | None = None  # where the task is; None: this shard's queue (listed)
-
-    @property
-    def task_id(self) -> str:
-        return task_id(self.key.user_id, self.key.instant, self.alternative)
-
-    def plan_line(self) -> dict[str, Any]:
-        line = {"delete": self.task_id, "user_id": self.key.user_id, "reason": self.reason}
-        return line if self.queue is None else {**line, "queue": self.queue}
+def open_database(config: Config, stack: contextlib.ExitStack) -> Writer:
+    """Connect the writer and check the job's tables and grants (SetupError before
+    anything is done); closed with `stack`."""
+    conn = connect(config, streaming=False)
+    stack.callback(close, conn)
+    writer = Writer(conn, config)
+    writer.check()
+    return writer
 
 
-def stale_tasks(
-    pending: Mapping[CallKey, set[int]],
-    chosen: Mapping[CallKey, int],
-    invalid_users: set[int],
-    paused: AbstractSet[CallKey] = frozenset(),
-    elsewhere: Mapping[CallKey, Mapping[int, str]] | None = None,
-) -> list[Stale]:
-    """The tasks of this shard and window that the plan does not contain: those listed
-    on its queue, and those the record puts on another queue (`elsewhere`, where a
-    reshard left them; nobody lists them as theirs, so their user's shard deletes them
-    by name).
-
-    A planned call keeps the id it was given (`chosen`); any further one for it would
-    call twice. A user whose row is invalid this run keeps their tasks: a typo in the
-    table must not cancel a call.
-    """
-    elsewhere = elsewhere or {}
-    planned_users = {key.user_id for key in chosen}
-    stale = []
-    for key in [*pending, *(k for k in elsewhere if k not in pending)]:
-        listed = pending.get(key, set())
-        found: list[tuple[int, str | None]] = [(a, None) for a in sorted(listed)]
-        found += [(a, q) for a, q in sorted(elsewhere.get(key, {}).items()) if a not in listed]
-        if key in chosen:
-            keep = task_id(key.user_id, key.instant, chosen[key])
-            stale += [
-                Stale(key, a, f"duplicate of {keep}", q) for a, q in found if a != chosen[key]
-            ]
-        elif key.user_id in invalid_users:
-            log.warning(
-                "kept the tasks of an invalid row",
-                extra={"user_id": key.user_id, "task_id": task_id(*key)},
-            )
-        else:
-            if key in paused:
-                reason = "paused"
-            elif key.user_id in planned_users:
-                reason = "call time or weekday changed"
-            else:
-                reason = "no call in the window: user inactive, removed or schedule changed"
-            stale += [Stale(key, a, reason, q) for a, q in found]
-    return stale
-
-
-def reconcile(
-    sinks: Callable[..., TaskSink],
-    record: CallRecord,
-    stale: Sequence[Stale],
-    *,
-    config: Config,
-    summary: RunSummary,
-    clock: Clock,
-    out: Callable[[str], None] | None,
-) -> None:
-    """Delete the stale tasks, RECORD_BATCH at a time: mark them deleting (one commit),
-    delete them ENQUEUE_CONCURRENCY at a time, then confirm deleted (one commit) those
-    whose delete answered while the call was still FIRING_MARGIN ahead: only those
-    surely never ran. A task due within FIRING_MARGIN may be firing: it is logged and
-    left, checked again right before its own delete. With `out` (a dry run) each
-    deletion is printed instead.
-    """
-    left = "left"
-
-    def firing(item: Stale) -> bool:
-        if item.key.instant > clock() + FIRING_MARGIN:
-            return False
-        log.warning(
-            "stale task left on the queue: it is due within %ds and may be firing",
-            FIRING_MARGIN.total_seconds(),
-            extra={"user_id": item.key.user_id, "task_id": item.task_id, "reason": item.reason},
-        )
-        return True
-
-    def delete(item: Stale) -> bool | str | None:
-        """True deleted, False already gone, `left` too close now, None failed."""
-        extra = {"user_id": item.key.user_id, "task_id": item.task_id, "reason": item.reason}
-        if item.queue is not None:
-            extra["queue"] = item.queue
-        try:
-            if firing(item):
-                record.write([Entry(item.key, item.alternative, PLANNED)])  # undo the mark
-                return left
-            gone = sinks(item.queue).delete(item.task_id)
-        except (gexc.GoogleAPICallError, gexc.RetryError, FatalQueueError, DatabaseError) as exc:
-            log.error("could not delete a stale task: %s", exc, extra=extra)
-            return None
-        if gone:
-            log.info("deleted a stale task", extra=extra)
-        return gone
-
-    if out is not None:
-        for item in stale:
-            if firing(item):
-                summary.deletes_skipped += 1
-            else:
-                out(json.dumps(item.plan_line(), ensure_ascii=False))
-        return
-    with ThreadPoolExecutor(config.enqueue_concurrency, thread_name_prefix="delete") as pool:
-        for chunk in _chunks(stale, RECORD_BATCH):
-            doomed = []
-            for item in chunk:
-                if firing(item):
-                    summary.deletes_skipped += 1
-                else:
-                    doomed.append(item)
-            try:
-                record.write(
-                    [Entry(i.key, i.alternative, DELETING, i.reason, i.queue) for i in doomed]
-                )
-            except DatabaseError as exc:
-                summary.fail(f"could not record the stale tasks, so deleted none: {exc}")
-                summary.deletes_failed += len(doomed)
-                return
-            confirmed = []
-            for item, outcome in zip(doomed, pool.map(delete, doomed), strict=True):
-                if outcome is None:
-                    summary.deletes_failed += 1
-                elif outcome == left:
-                    summary.deletes_skipped += 1
-                else:
-                    summary.tasks_deleted += bool(outcome)
-                    if item.key.instant > clock() + FIRING_MARGIN:
-                        confirmed.append(
-                            Entry(item.key, item.alternative, DELETED, item.reason, item.queue)
-                        )
-            try:
-                record.write(confirmed)
-            except DatabaseError as exc:  # they stay "deleting": safe, only less certain
-                summary.fail(f"could not confirm deleted tasks: {exc}")
-                return
+def run_window(config: Config, now: dt.datetime, horizon: dt.datetime | None) -> Window:
+    """The calls a run plans: from GRACE_MINUTES back to LOOKAHEAD_MINUTES ahead. A quick
+    run stops at `horizon`, the end of the latest hourly run's window: it acts on what
+    changed, and leaves the calls further ahead to the hourly run."""
+    window = Window.around(now, config.grace, config.lookahead)
+    if horizon is None:
+        return window
+    return Window(window.start, max(window.start, min(window.end, horizon)))
 
 
 def run(
@@ -2198,147 +2857,276 @@ def run(
     now: dt.datetime,
     *,
     dry_run: bool,
+    changes: bool,
     tasks_client: Any,
     stop: threading.Event,
     out: Callable[[str], None],
     clock: Clock | None = None,
 ) -> RunSummary:
-    """One whole run: check and load the call record, list the queue, stream rows and
-    plan them, record and enqueue (or print) each call, then delete the stale tasks of
-    this shard and window (RECONCILE) and purge old records.
+    """One whole run: check the tables, take the shard's run lock, load the record, list
+    the queue (hourly runs), stream rows and plan them, place (or print) each call,
+    retire the stale ids of this shard and window (RECONCILE), name the calls no
+    complete run covered, purge old records, and note the run in job_runs.
 
     Raises SetupError, before any task is touched, when a table or grant is missing.
     """
     started = time.monotonic()
-    injected = clock
-
-    def job_clock() -> dt.datetime:
-        """The job's own clock: `now` plus the time this run has taken so far."""
-        if injected is not None:
-            return injected()
-        return now + dt.timedelta(seconds=time.monotonic() - started)
-
-    window = Window.around(now, config.grace, config.lookahead)
-    summary = RunSummary(
-        dry_run=dry_run,
-        shard=f"{config.task_index}/{config.task_count}",
-        window_start=window.start.isoformat(),
-        window_end=window.end.isoformat(),
-    )
+    clock = clock or (lambda: now + dt.timedelta(seconds=time.monotonic() - started))
+    kind = RunKind.CHANGES if changes else RunKind.HOURLY
+    summary = RunSummary(dry_run=dry_run, changes=changes, shard=str(config.shard))
+    summary.begin(Window.around(now, config.grace, config.lookahead))
     log.info(
         "run started",
         extra={
             "now": now.isoformat(),
-            "window_start": summary.window_start,
-            "window_end": summary.window_end,
             "shard": summary.shard,
             "dry_run": dry_run,
+            "changes": changes,
         },
     )
     with contextlib.ExitStack() as stack:
         try:
-            writer = connect(config, streaming=False)
-            stack.callback(_close, writer)
-            record = CallRecord(writer, config)
-            record.check()
+            writer = open_database(config, stack)
             if not dry_run:
+                wait = config.run_lock_wait_seconds
+                if changes:
+                    wait = min(wait, QUICK_LOCK_WAIT_SECONDS)
                 waiting = time.monotonic()
-                if not record.lock():
-                    summary.fail(
-                        f"another run of shard {summary.shard} still held the run lock"
-                        f" after {RUN_LOCK_WAIT_SECONDS}s; this run did nothing"
-                    )
+                if not writer.lock(wait):
+                    if changes:
+                        log.info(
+                            "quick run skipped: another run of shard %s held the run lock"
+                            " for %ds; the next quick run catches up",
+                            summary.shard,
+                            wait,
+                        )
+                    else:
+                        summary.fail(
+                            f"another run of shard {summary.shard} still held the run lock"
+                            f" after {wait}s; this run did nothing"
+                        )
                     return summary
                 if (waited := time.monotonic() - waiting) > 1:
-                    # Plan for when the run really begins, not for when it was started.
-                    now, started = job_clock(), time.monotonic()
-                    window = Window.around(now, config.grace, config.lookahead)
-                    summary.window_start = window.start.isoformat()
-                    summary.window_end = window.end.isoformat()
                     log.info("waited %.0fs for another run of this shard", waited)
+                    now = clock()  # plan for when the run really begins
+            history = RunHistory(writer, config)
+            window = run_window(config, now, history.horizon() if changes else None)
+            summary.begin(window)
+            record = CallRecord(writer, config, clock)
             record.load(window)
             reader = connect(config, streaming=True)
-            stack.callback(_close, reader)
+            stack.callback(close, reader)
         except DatabaseError as exc:
             summary.fail(str(exc))
             return summary
 
-        sinks = Queues(lambda: tasks_client or make_tasks_client(config), config, stop)
-        pending: dict[CallKey, set[int]] | None = None
-        if config.reconcile and config.project:
-            # Listed first, so calls already on the queue need no create, and the run
-            # knows which ids are pending (read-only: a dry run does this too).
-            try:
-                own = sinks()
-                pending = own.list_own(window)
-                log.info(
-                    "listed the queue",
-                    extra={"queue": own.queue, "pages": own.pages, "tasks": len(pending)},
-                )
-            except FatalQueueError as exc:
-                sinks.fatal = exc
-                if dry_run and isinstance(exc, NoCredentialsError):
-                    log.warning(QUEUE_NOT_READ, "no Google credentials")
+        queues = TaskQueues(lambda: tasks_client or make_tasks_client(config), config, stop)
+        listing = None if changes else list_queue(queues, config, window, dry_run, summary)
+        placement = Placement(record, queues, writer, config, clock, stop, listing, changes)
+        seen, placements = Seen(), Placements()
+        with Snapshot(reader, config) as snapshot:
+            calls = plan(snapshot.rows(window), config, window, summary, stop, seen)
+            place(placement, calls, config, summary, stop, placements, out if dry_run else None)
+            # Only a complete plan can say what is stale: not after an error or a stop.
+            reconciling = config.reconcile and (listing is not None or changes)
+            if reconciling and summary.error is None and not stop.is_set():
+                # Rule 7: read the rows of users whose ids look stale but that the window's
+                # query did not return (a text call_time MySQL casts out of the window).
+                unread = {key.user_id for key in placement_keys(placement)} - seen.users
+                rows = snapshot.active(unread).values() if unread else []
+                calls = plan(rows, config, window, summary, stop, seen)
+                place(placement, calls, config, summary, stop, placements, out if dry_run else None)
+            summary.retired(placement.replaced)
+            if reconciling and summary.error is None and not stop.is_set():
+                stale = placement.stale(
+                    seen.phones, placements.kept, placements.protected, seen.invalid,
+                    seen.paused, placements.skipped,
+                )  # fmt: skip
+                if dry_run:
+                    ahead, left = placement.leave(stale)
+                    summary.retired(Tally(skipped=left))
+                    for item in ahead:
+                        out(json.dumps(item.plan_line(config.queue_name), ensure_ascii=False))
                 else:
-                    summary.fail(str(exc))
-            except (gexc.GoogleAPICallError, gexc.RetryError) as exc:
-                summary.fail(f"cannot list the queue, so stale tasks stay this run: {exc}")
-        elif config.reconcile and dry_run:
-            log.warning(QUEUE_NOT_READ, "GOOGLE_CLOUD_PROJECT is not set")
-
-        chosen: dict[CallKey, int] = {}
-        invalid_users: set[int] = set()
-        paused: set[CallKey] = set()
-        rows = read_rows(reader, config, window)
-        stack.callback(rows.close)
-        calls = plan(rows, config, window, summary, stop, invalid_users, paused)
-        batches = choose_ids(calls, record, pending, chosen)
-        if dry_run:
-            for batch in batches:
-                for call, choice in batch:
-                    out(json.dumps(call.plan_line(choice.alternative)))
-        else:
-            enqueue(sinks, batches, record, config, summary, stop, job_clock)
-        rows.close()
-        if dry_run and summary.error is None and not stop.is_set():
-            try:
-                summary.peak_minute = count_peak(read_schedules(reader, config), config, now)
-            except DatabaseError as exc:
-                summary.fail(str(exc))
-
-        # Only a complete plan can say what is stale: not after an error or a stop.
-        if pending is not None and summary.error is None and not stop.is_set():
-            stale = stale_tasks(pending, chosen, invalid_users, paused, record.elsewhere())
-            reconcile(
-                sinks,
-                record,
-                stale,
-                config=config,
-                summary=summary,
-                clock=job_clock,
-                out=out if dry_run else None,
-            )
-        if not dry_run and config.task_index == 0 and not stop.is_set():
-            try:
-                summary.records_purged = record.purge(now - config.retention)
-            except DatabaseError as exc:
-                log.warning("could not purge old scheduled_calls rows: %s", exc)
+                    summary.retired(placement.retire(stale))
+            audited = None
+            if not dry_run and summary.error is None:
+                audited = audit(history, writer, snapshot, config, clock, now, summary)
+        if not dry_run:
+            finish(config, record, history, kind, now, window, audited, summary, stop)
         log.info(
-            "time in scheduled_calls: %.1fs",
-            record.seconds,
-            extra={"record_seconds": round(record.seconds, 3), "queue": config.queue_name},
+            "time in the job's tables: %.1fs",
+            writer.seconds,
+            extra={"record_seconds": round(writer.seconds, 3), "queue": config.queue_name},
         )
     return summary
 
 
-def _close(conn: Any) -> None:
-    with contextlib.suppress(pymysql.err.Error):  # already closed if the link broke
-        conn.close()
+def placement_keys(placement: Placement) -> set[CallKey]:
+    """Every call the record or the listing knows of in the window."""
+    return {*placement.record.keys(), *(placement.listing or {})}
 
 
-# ---------------------------------------------------------------------------
-# Check: the connection, the schema, the grants and every row, before go-live
-# ---------------------------------------------------------------------------
+def list_queue(
+    queues: TaskQueues, config: Config, window: Window, dry_run: bool, summary: RunSummary
+) -> dict[CallKey, set[int]] | None:
+    """List this shard's pending calls on its queue (read-only: a dry run does this too).
+    None without a listing: RECONCILE=0, no project, or an error (recorded in `summary`,
+    except a dry run's missing credentials, which it only warns about)."""
+    if not config.reconcile:
+        return None
+    if not config.project:
+        if dry_run:
+            log.warning(QUEUE_NOT_READ, "GOOGLE_CLOUD_PROJECT is not set")
+        return None
+    try:
+        own = queues.own
+        listing = own.list_calls(window, config.shard)
+    except QueueError as exc:
+        queues.fatal = exc
+        if dry_run and isinstance(exc, NoCredentialsError):
+            log.warning(QUEUE_NOT_READ, "no Google credentials")
+        else:
+            summary.fail(str(exc))
+        return None
+    except (gexc.GoogleAPICallError, gexc.RetryError) as exc:
+        summary.fail(f"cannot list the queue, so stale tasks stay this run: {exc}")
+        return None
+    log.info(
+        "listed the queue", extra={"queue": own.queue, "pages": own.pages, "tasks": len(listing)}
+    )
+    return listing
+
+
+def place(
+    placement: Placement,
+    calls: Iterable[Call],
+    config: Config,
+    summary: RunSummary,
+    stop: threading.Event,
+    placements: Placements,
+    out: Callable[[str], None] | None,
+) -> None:
+    """Place `calls`, or with `out` (a dry run) print the id each would get."""
+    if out is None:
+        enqueue(placement, calls, config, summary, stop, placements)
+        return
+    for call in calls:
+        intent = placement.look(call)
+        line = {"task_id": call.task_id(intent.alternative), "user_id": call.user_id}
+        out(json.dumps({**line, "scheduled_at": call.scheduled_at}))
+        placements.kept[call.key] = intent.alternative
+
+
+def audit(
+    history: RunHistory,
+    writer: Writer,
+    snapshot: Snapshot,
+    config: Config,
+    clock: Clock,
+    now: dt.datetime,
+    summary: RunSummary,
+) -> dt.datetime | None:
+    """Name the calls no complete run covered: in the stretch that has left every
+    window (before `now` - GRACE_MINUTES) since the last audit, at most MAX_AUDIT back.
+
+    A call is named when the table wants it now, no complete run of any shard covered
+    it, it has no id that is not `deleted` (no run placed it), and its row had no other
+    such call that local date. Returns until when this shard is audited (None: not
+    audited). The first run on a new database audits nothing.
+    """
+    until = now.astimezone(UTC) - config.grace
+    try:
+        since = history.audited_until()
+        if since is None:
+            return until
+        stretch = Window(max(since, until - MAX_AUDIT), until)
+        if stretch.empty:
+            return None
+        past = history.complete(stretch)
+        own = [p.window for p in past if p.shard == config.shard]
+        for gap in uncovered(stretch, own):
+            for hour in _slices(gap, dt.timedelta(hours=1)):
+                for call in _unplaced(history, writer, snapshot, config, clock, hour, past):
+                    summary.missed(call)
+    except DatabaseError as exc:
+        log.warning("could not audit for missed calls: %s", exc)
+        return None
+    return until
+
+
+def _slices(window: Window, size: dt.timedelta) -> Iterator[Window]:
+    start = window.start
+    while start < window.end:
+        yield Window(start, min(start + size, window.end))
+        start += size
+
+
+def _unplaced(
+    history: RunHistory,
+    writer: Writer,
+    snapshot: Snapshot,
+    config: Config,
+    clock: Clock,
+    window: Window,
+    past: Sequence[PastRun],
+) -> list[Call]:
+    """The calls of `window` the table wants that no complete run covered and no run
+    placed, leaving out those whose row had another call that local date."""
+    record = CallRecord(writer, config, clock)
+    record.load(window)
+    candidates = []
+    for row in snapshot.rows(window):
+        try:
+            setting = parse_row(row, config.default_timezone, config.phone_region)
+        except InvalidRow:
+            continue  # reported by the runs whose window it falls in
+        for call in plan_calls(setting, window) if setting else []:
+            covered = any(p.shard.holds(call.user_id) and call.instant in p.window for p in past)
+            placed = any(r.state is not DELETED for r in record.ids(call.key).values())
+            if not (covered or placed):
+                candidates.append(call)
+    if not candidates:
+        return []
+    others = record.instants_of(
+        {c.user_id for c in candidates}, window.start - DAY_REACH, window.end + DAY_REACH
+    )
+    return [
+        c
+        for c in candidates
+        if not any(
+            t != c.instant and c.local_date(t) == c.local_date() for t in others.get(c.user_id, ())
+        )
+    ]
+
+
+def finish(
+    config: Config,
+    record: CallRecord,
+    history: RunHistory,
+    kind: RunKind,
+    now: dt.datetime,
+    window: Window,
+    audited: dt.datetime | None,
+    summary: RunSummary,
+    stop: threading.Event,
+) -> None:
+    """Purge old rows (shard 0) and note the run in job_runs: its window, whether it
+    was complete, and until when it audited."""
+    if config.task_index == 0 and not stop.is_set():
+        try:
+            summary.purged(record.purge(now - config.retention))
+            history.purge(now - dt.timedelta(days=RUN_HISTORY_DAYS))
+        except DatabaseError as exc:
+            log.warning("could not purge old rows of the job's tables: %s", exc)
+    if summary.error is None or audited is not None:
+        try:
+            history.add(kind, now, window, summary.exit_code == 0, audited)
+        except DatabaseError as exc:
+            summary.fail(f"could not note the run in job_runs: {exc}")
+
+
+# -- check: the connection, the schema, the grants and every row, before go-live ----------
 
 USERS_INDEX = (
     "is_active", "timezone", "call_time", "call_weekdays", "phone_number", "pause_from",
@@ -2365,6 +3153,21 @@ class CheckSummary:
         table, column or grant never gets here: `main` exits 2)."""
         return 1 if (self.rows_invalid or self.problems or self.error) else 0
 
+    def invalid(self, row: UserRow, reason: InvalidRow) -> dict[str, Any]:
+        """Count an invalid row; its line for stdout."""
+        self.rows_invalid += 1
+        for counts, key in (
+            (self.invalid_by_column, reason.column),
+            (self.invalid_by_reason, reason_kind(str(reason))),
+        ):
+            counts[key] = counts.get(key, 0) + 1
+        return {
+            "user_id": row.id,
+            "column": reason.column,
+            "reason": str(reason),
+            "phone": mask_phone(row.phone_number),
+        }
+
 
 def reason_kind(reason: str) -> str:
     """A reason without the row's own values, to count alike reasons together:
@@ -2372,45 +3175,39 @@ def reason_kind(reason: str) -> str:
     return re.sub(r"'[^']*'|\*\*\*\S*|-?[0-9][0-9:.-]*", "…", reason)
 
 
-def count_peak(
-    groups: Iterable[tuple[UserRow, int]], config: Config, now: dt.datetime
-) -> dict[str, Any] | None:
-    """The peak minute of the next 24 hours from `now` over rows with their weights,
-    planned as the job plans them; warned about when it is too long (`warn_peak`).
-    Invalid rows are left out."""
-    window = Window.next_day(now)
-    counts: dict[dt.datetime, int] = {}
-    for row, weight in groups:
-        try:
-            setting = parse_row(row, config.default_timezone, None)
-        except InvalidRow:
-            continue
-        if setting is not None:
-            count_minutes(setting, window, counts, weight)
-    peak = peak_minute(counts, config)
-    warn_peak(peak, config)
-    return peak
+def warn_peak(peak: dict[str, Any] | None, config: Config) -> None:
+    """A WARNING naming the fix when the busiest minute takes over PEAK_WARN_MINUTES."""
+    if peak is None or peak["dispatch_seconds"] <= config.peak_warn_minutes * 60:
+        return
+    log.warning(
+        "the busiest minute, %s, has %d calls: the queue needs %.0fs to dispatch them at"
+        " %g/s, so its last call is that late (PEAK_WARN_MINUTES=%g). Raise"
+        " QUEUE_MAX_DISPATCHES_PER_SECOND together with Twilio's calls per second, or add"
+        " shards (TASK_COUNT, with QUEUE_PER_SHARD=1)",
+        peak["at"],
+        peak["calls"],
+        peak["dispatch_seconds"],
+        config.queue_max_dispatches_per_second,
+        config.peak_warn_minutes,
+        extra={"peak_minute": peak},
+    )
 
 
-def check(
-    config: Config, out: Callable[[str], None], now: dt.datetime | None = None
-) -> CheckSummary:
+def check(config: Config, out: Callable[[str], None], now: dt.datetime) -> CheckSummary:
     """Validate the schema, the grants and every active row of this shard, streamed,
-    and find the peak minute of the next 24 hours from `now` among the valid ones.
+    and find the peak minute of the next 24 hours from `now` among the calls that
+    would be made (valid rows, paused dates left out).
 
     Writes nothing and contacts no Cloud Tasks endpoint. Prints one JSON line per
     invalid row. Raises SetupError for a missing table, column or grant.
     """
-    now = now or dt.datetime.now(UTC)
-    window = Window.next_day(now)
+    day = Window.around(now, dt.timedelta(), dt.timedelta(days=1))
     per_minute: dict[dt.datetime, int] = {}
-    summary = CheckSummary(shard=f"{config.task_index}/{config.task_count}")
+    summary = CheckSummary(shard=str(config.shard))
     with contextlib.ExitStack() as stack:
         try:
-            conn = connect(config, streaming=False)
-            stack.callback(_close, conn)
-            CallRecord(conn, config).check()
-            with conn.cursor() as cur:
+            writer = open_database(config, stack)
+            with writer.query() as cur:
                 cur.execute("SHOW INDEX FROM users WHERE Key_name = 'idx_users_due'")
                 columns = tuple(row[4] for row in sorted(cur.fetchall(), key=lambda r: r[3]))
             if columns != USERS_INDEX:
@@ -2419,40 +3216,19 @@ def check(
                     f" apply {MIGRATIONS['users']}; runs still work, but read the whole table"
                 )
             reader = connect(config, streaming=True)
-            stack.callback(_close, reader)
-            sql = f"SELECT {USER_COLUMNS} FROM users WHERE is_active = 1"
-            args: list[Any] = []
-            if config.task_count > 1:
-                sql += " AND MOD(MOD(id, %s) + %s, %s) = %s"
-                args = [config.task_count] * 3 + [config.task_index]
-            cur = reader.cursor()
-            stack.callback(_abandon, cur)
-            cur.execute(sql, args)
-            for values in cur:
-                row = UserRow(*values)
-                summary.users_checked += 1
-                try:
-                    setting = parse_row(row, config.default_timezone, config.phone_region)
+            stack.callback(close, reader)
+            with Snapshot(reader, config) as snapshot:
+                for row in snapshot.all_rows():
+                    summary.users_checked += 1
+                    try:
+                        setting = parse_row(row, config.default_timezone, config.phone_region)
+                    except InvalidRow as reason:
+                        out(json.dumps(summary.invalid(row, reason), ensure_ascii=False))
+                        continue
                     if setting is not None:
-                        count_minutes(setting, window, per_minute)
-                except InvalidRow as reason:
-                    summary.rows_invalid += 1
-                    for counts, key in (
-                        (summary.invalid_by_column, reason.column),
-                        (summary.invalid_by_reason, reason_kind(str(reason))),
-                    ):
-                        counts[key] = counts.get(key, 0) + 1
-                    line = {
-                        "user_id": row.id,
-                        "column": reason.column,
-                        "reason": str(reason),
-                        "phone": mask_phone(row.phone_number),
-                    }
-                    out(json.dumps(line, ensure_ascii=False))
+                        count_minutes(setting, day, per_minute)
         except DatabaseError as exc:
             summary.error = str(exc)
-        except pymysql.err.MySQLError as exc:
-            summary.error = f"lost the database while checking users: {exc}"
     if summary.error is None:
         summary.peak_minute = peak_minute(per_minute, config)
         warn_peak(summary.peak_minute, config)
@@ -2468,10 +3244,64 @@ def check(
 # ---------------------------------------------------------------------------
 
 
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line; argparse reports a bad one and exits 2 (SystemExit)."""
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--dry-run", action="store_true", help="read and plan, print the plan, create no task"
+    )
+    mode.add_argument(
+        "--check",
+        action="store_true",
+        help="check the database, the grants and every active row; print each invalid"
+        " row; write nothing and contact no Cloud Tasks endpoint",
+    )
+    parser.add_argument(
+        "--changes",
+        action="store_true",
+        help="a quick run: act on what changed since the hourly run, from the job's own"
+        " record (no listing of the queue); cron runs it every minute",
+    )
+    parser.add_argument(
+        "--now",
+        metavar="ISO8601",
+        help="plan as if it were this instant (no offset: DEFAULT_TIMEZONE)",
+    )
+    args = parser.parse_args(argv)
+    if args.check and args.changes:
+        parser.error("argument --changes: not allowed with argument --check")
+    return args
+
+
 def parse_now(text: str, default_zone: zoneinfo.ZoneInfo) -> dt.datetime:
     """--now: exact with an offset or Z, else wall-clock time in DEFAULT_TIMEZONE."""
     value = dt.datetime.fromisoformat(text)
     return value if value.tzinfo is not None else value.replace(tzinfo=default_zone)
+
+
+def settings(
+    argv: Sequence[str] | None, env: Mapping[str, str] | None
+) -> tuple[argparse.Namespace, Config, dt.datetime | None]:
+    """The command line, the settings and --now, all validated; UsageError otherwise."""
+    args = parse_args(argv)
+    if env is None:
+        # .env in the working directory; real variables win over it.
+        file_values = dotenv_values(".env")
+        env = {**{k: v for k, v in file_values.items() if v is not None}, **os.environ}
+    config = Config.from_env(env, dry_run=args.dry_run or args.check)
+    if args.now is None:
+        return args, config, None
+    if not (args.dry_run or args.check) and config.emulator_host is None:
+        # Against the real queue the safety margins need the real clock: a real run "as
+        # if" two hours ago would create calls that ran and were forgotten.
+        raise UsageError(
+            "--now needs --dry-run, or a local Cloud Tasks endpoint (CLOUD_TASKS_EMULATOR_HOST)"
+        )
+    try:
+        return args, config, parse_now(args.now, config.default_timezone)
+    except ValueError:
+        raise UsageError(f"--now {args.now!r} is not ISO 8601") from None
 
 
 def main(
@@ -2490,54 +3320,19 @@ def main(
         argv: command-line arguments (default: sys.argv[1:]).
         env: settings (default: .env loaded under the process environment).
         now: the instant to plan for when --now is absent (default: the clock).
+        clock: the job's clock (tests: a virtual one); default the real one, from `now`.
         tasks_client: a ready Cloud Tasks client (tests), else one is made.
+        stdout, stderr: where the plan and summary, and the logs, go (default sys's).
     """
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--dry-run", action="store_true", help="read and plan, print the plan, create no task"
-    )
-    parser.add_argument(
-        "--check",
-        action="store_true",
-        help="check the database, the grants and every active row; print each invalid"
-        " row; write nothing and contact no Cloud Tasks endpoint",
-    )
-    parser.add_argument(
-        "--now",
-        metavar="ISO8601",
-        help="plan as if it were this instant (no offset: DEFAULT_TIMEZONE)",
-    )
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:
+        args, config, at = settings(argv, env)
+    except SystemExit as exc:  # --help (0), or argparse's own usage error (2)
         return int(exc.code or 0)
-    if env is None:
-        # .env in the working directory; real variables win over it.
-        file_values = dotenv_values(".env")
-        env = {**{k: v for k, v in file_values.items() if v is not None}, **os.environ}
-    try:
-        config = Config.from_env(env, dry_run=args.dry_run or args.check)
-    except ConfigError as exc:
-        print(f"anpi-call-scheduler: {exc}", file=sys.stderr)
-        return 2
-    if args.now is not None:
-        if not (args.dry_run or args.check) and config.emulator_host is None:
-            # Against the real queue the safety margins need the real clock: a real run
-            # "as if" two hours ago would create calls that ran and were forgotten.
-            print(
-                "anpi-call-scheduler: --now needs --dry-run, or a local Cloud Tasks"
-                " endpoint (CLOUD_TASKS_EMULATOR_HOST)",
-                file=sys.stderr,
-            )
-            return 2
-        try:
-            now = parse_now(args.now, config.default_timezone)
-        except ValueError:
-            print(f"anpi-call-scheduler: --now {args.now!r} is not ISO 8601", file=sys.stderr)
-            return 2
-    setup_logging(config.log_level, config.log_json, stderr)
-    if clock is not None and now is None:
-        now = clock()
+    except UsageError as exc:
+        print(f"anpi-call-scheduler: {exc}", file=stderr or sys.stderr)
+        return exc.exit_code
+    now = at or now or (clock() if clock else dt.datetime.now(UTC))
+    setup_logging(config, stderr)
 
     stop, signalled = threading.Event(), threading.Event()
 
@@ -2549,11 +3344,10 @@ def main(
         stop.set()
         signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C ends the process at once
 
-    previous = {}
+    previous: dict[int, Any] = {}
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGTERM, signal.SIGINT):
             previous[signum] = signal.signal(signum, on_signal)
-
     if stdout is None:
         try:
             # Buffered even under PYTHONUNBUFFERED (set in the image for the logs): a dry
@@ -2572,22 +3366,23 @@ def main(
         else:
             summary = run(
                 config,
-                now or dt.datetime.now(UTC),
+                now,
                 dry_run=args.dry_run,
+                changes=args.changes,
                 tasks_client=tasks_client,
                 stop=stop,
                 out=out,
                 clock=clock,
             )
-    except SetupError as exc:  # a missing table or grant: nothing was done
+    except JobError as exc:  # a missing table or grant: nothing was done
         log.critical("%s", exc)
-        return 2
+        return exc.exit_code
     except Exception:  # the one catch-all: report, never die without a summary
         log.exception("unexpected error")
         summary = (CheckSummary if args.check else RunSummary)(error="unexpected error (see log)")
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
     if isinstance(summary, RunSummary):
         summary.interrupted = signalled.is_set()
     out(json.dumps(dataclasses.asdict(summary), ensure_ascii=False))

@@ -23,10 +23,10 @@ CREATE TABLE IF NOT EXISTS users (
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
 
 -- The job's own record: one row per task id it gave a call. A row is written (and
--- committed) before the task is created, marked deleting before the task is deleted,
--- and deleted once DeleteTask answered while the call was still ahead, so the job can
--- tell a task that ran from one that was deleted (Cloud Tasks cannot). See README
--- "Exactly once: how".
+-- committed) before the task is created, its create confirmed afterwards (created_at),
+-- marked deleting before the task is deleted, and deleted once DeleteTask answered
+-- while the call was still ahead, so the job can tell a task that ran from one that was
+-- deleted (Cloud Tasks cannot). See docs/how-it-works.md, "Exactly once".
 CREATE TABLE IF NOT EXISTS scheduled_calls (
   call_at     DATETIME     NOT NULL COMMENT 'the call instant, UTC',
   user_id     BIGINT       NOT NULL,
@@ -36,6 +36,7 @@ CREATE TABLE IF NOT EXISTS scheduled_calls (
               COMMENT 'planned = given to the call, deleting = being deleted (may have run), deleted = surely deleted before its time',
   reason      VARCHAR(200) NULL COMMENT 'why it was deleted',
   queue       VARCHAR(100) NULL COMMENT 'the Cloud Tasks queue the task belongs to, fixed by the first writer, NULL = CLOUD_TASKS_QUEUE',
+  created_at  DATETIME     NULL COMMENT 'when CreateTask confirmed the task (the job''s clock, UTC), NULL = recorded only',
   called_at   DATETIME     NULL COMMENT 'for the webhook: when it placed the call (the job never sets it)',
   updated_at  TIMESTAMP    NOT NULL DEFAULT CURRENT_TIMESTAMP ON UPDATE CURRENT_TIMESTAMP,
   -- The job reads one window of calls (call_at range) and purges old ones by call_at.
@@ -44,8 +45,27 @@ CREATE TABLE IF NOT EXISTS scheduled_calls (
   KEY idx_scheduled_calls_user (user_id, call_at)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
 
+-- The job's runs: one row per real run of a shard that got to its end. Quick runs
+-- read how far ahead the hourly runs placed calls; every run audits the time that has
+-- left every window for calls no complete run covered (the summary's calls_missed).
+-- Times are the job's clock, UTC.
+CREATE TABLE IF NOT EXISTS job_runs (
+  id            BIGINT      NOT NULL AUTO_INCREMENT PRIMARY KEY,
+  ran_at        DATETIME(6) NOT NULL COMMENT 'when the run began',
+  kind          ENUM('hourly', 'changes') NOT NULL COMMENT 'changes = a quick run (--changes)',
+  shard_index   INT         NOT NULL,
+  shard_count   INT         NOT NULL,
+  window_start  DATETIME(6) NOT NULL COMMENT 'the calls it planned: window_start <= call < window_end',
+  window_end    DATETIME(6) NOT NULL,
+  complete      TINYINT     NOT NULL COMMENT '1 = it exited 0: every call of its window placed',
+  audited_until DATETIME(6) NULL COMMENT 'calls before this were audited for misses, NULL = not audited',
+  KEY idx_job_runs_window (window_end),
+  KEY idx_job_runs_shard (shard_count, shard_index, kind)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
+
 -- The job's database user needs exactly these privileges, e.g.:
 --   CREATE USER 'anpi_job'@'%' IDENTIFIED BY '<from Secret Manager>';
 --   GRANT SELECT ON anpi.users TO 'anpi_job'@'%';
 --   GRANT SELECT, INSERT, UPDATE, DELETE ON anpi.scheduled_calls TO 'anpi_job'@'%';
+--   GRANT SELECT, INSERT, DELETE ON anpi.job_runs TO 'anpi_job'@'%';
 -- Without them the job exits 2 before it creates any task, naming the missing grant.

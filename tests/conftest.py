@@ -229,6 +229,14 @@ def run_main(
     return JobResult(code, out.getvalue(), err.getvalue())
 
 
+def run_at(when: dt.datetime | str, env: dict[str, str], *args: str) -> JobResult:
+    """The job in-process as if it were `when`: `--now` for text (without an offset it
+    is DEFAULT_TIMEZONE's wall clock), else a virtual clock stopped at `when`."""
+    if isinstance(when, str):
+        return run_main(["--now", when, *args], env)
+    return run_main(args, env, VirtualClock(when))
+
+
 def kill_connections(db: Database) -> int:
     """KILL every connection to `db` but this helper's own: a network blip or a Cloud SQL
     failover as the job sees it. Returns how many were killed."""

@@ -151,7 +151,9 @@ def main(argv: list[str]) -> int:
     if "add-iam-policy-binding" in words and faults.get("iam_not_yet", 0) > 0:
         faults["iam_not_yet"] -= 1
         member = flag(argv, "member")
-        return done(1, err=f"ERROR: (gcloud) INVALID_ARGUMENT: Service account {member} does not exist.")
+        return done(
+            1, err=f"ERROR: (gcloud) INVALID_ARGUMENT: Service account {member} does not exist."
+        )
 
     if words[:2] == ["services", "enable"]:
         state.setdefault("apis", []).extend(words[2:])
@@ -166,11 +168,15 @@ def main(argv: list[str]) -> int:
         return done(0)
     if words[:2] == ["builds", "get-default-service-account"]:
         project = flag(argv, "project")
-        return done(0, out=f"projects/{project}/serviceAccounts/123-compute@developer.gserviceaccount.com")
+        return done(
+            0, out=f"projects/{project}/serviceAccounts/123-compute@developer.gserviceaccount.com"
+        )
     if words[:4] == ["artifacts", "docker", "images", "describe"]:
         if words[4] in state.get("images", []):
             return done(0, out="sha256:0123")
-        return done(1, err=f"ERROR: (gcloud.artifacts.docker.images.describe) NOT_FOUND: {words[4]}")
+        return done(
+            1, err=f"ERROR: (gcloud.artifacts.docker.images.describe) NOT_FOUND: {words[4]}"
+        )
     if words[:2] == ["tasks", "list"]:
         queue = flag(argv, "queue")
         if f"queue/{queue}" not in resources:
@@ -261,7 +267,9 @@ def channels(verb: str, argv: list[str], state: dict[str, Any], done: Any) -> in
     return done(2, err=f"fake gcloud: unknown command {argv}")
 
 
-def policies(verb: str, argv: list[str], state: dict[str, Any], record: dict[str, Any], done: Any) -> int:
+def policies(
+    verb: str, argv: list[str], state: dict[str, Any], record: dict[str, Any], done: Any
+) -> int:
     policies: dict[str, dict[str, Any]] = state.setdefault("policies", {})  # name -> policy
     if verb == "list":
         wanted = quoted(flag(argv, "filter"), "displayName")

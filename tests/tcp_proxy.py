@@ -2,7 +2,8 @@
 
 It can start listening late (a database that comes up after the job started), accept
 at once but reach the database only `answer_after` seconds after the proxy started (a
-Cloud SQL failover: the proxy accepts, then the server answers late), and hold the server's bytes after a
+Cloud SQL failover: the proxy accepts, then the server answers late; `on_answer` lets a
+test move a virtual clock by that much instead), and hold the server's bytes after a
 budget (so a test can kill the job's connection while the job is part-way through
 reading rows).
 """
@@ -13,14 +14,21 @@ import contextlib
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 
 class TcpProxy:
     def __init__(
-        self, target: tuple[str, int], *, listen_after: float = 0.0, answer_after: float = 0.0
+        self,
+        target: tuple[str, int],
+        *,
+        listen_after: float = 0.0,
+        answer_after: float = 0.0,
+        on_answer: Callable[[], None] | None = None,
     ) -> None:
         self.target = target
         self.answer_at = time.monotonic() + answer_after
+        self.on_answer = on_answer  # runs before each connection reaches the server
         self.budget: int | None = None  # server->client bytes forwarded before holding
         self.holding = threading.Event()  # set once the budget is spent
         self.release = threading.Event()
@@ -43,6 +51,8 @@ class TcpProxy:
 
     def _connect(self, client: socket.socket) -> None:
         time.sleep(max(0.0, self.answer_at - time.monotonic()))
+        if self.on_answer is not None:
+            self.on_answer()
         server = socket.socket()
         # A small window keeps the server's rows on its side while the proxy holds.
         server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)

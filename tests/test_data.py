@@ -21,6 +21,7 @@ from tests.conftest import (
     create_database,
     drop_database,
     job_env,
+    run_at,
     run_job,
 )
 from tests.fake_cloud_tasks import FakeCloudTasks
@@ -41,9 +42,9 @@ def test_a_pause_spanning_today_removes_the_queued_task(
 ) -> None:
     db.insert([{"id": 1, "call_weekdays": "daily", "call_time": "09:00"}])
     env = job_env(db, tasks_server)
-    assert run_job(["--now", NOW], env).summary["tasks_created"] == 1
+    assert run_at(NOW, env).summary["tasks_created"] == 1
     db.execute("UPDATE users SET pause_from = '2026-11-29', pause_until = '2026-12-03'")
-    result = run_job(["--now", "2026-11-30T08:10:00+09:00"], env)
+    result = run_at("2026-11-30T08:10:00+09:00", env)
     assert result.code == 0, result.stderr
     assert result.summary["tasks_deleted"] == 1
     assert tasks_server.tasks == {}
@@ -57,7 +58,7 @@ def test_the_day_after_pause_until_the_call_is_back(
     db.insert(
         [{"id": 1, "call_weekdays": "daily", "call_time": "09:00", "pause_until": "2026-11-29"}]
     )
-    result = run_job(["--now", NOW], job_env(db, tasks_server))
+    result = run_at(NOW, job_env(db, tasks_server))
     assert result.summary["tasks_created"] == 1  # 30 November: the pause is over
 
 
@@ -68,9 +69,9 @@ def test_an_open_ended_pause_holds_until_it_is_cleared(
         [{"id": 1, "call_weekdays": "daily", "call_time": "09:00", "pause_from": "2026-11-01"}]
     )
     env = job_env(db, tasks_server)
-    assert run_job(["--now", NOW], env).summary["calls_planned"] == 0
+    assert run_at(NOW, env).summary["calls_planned"] == 0
     db.execute("UPDATE users SET pause_from = NULL")
-    assert run_job(["--now", NOW], env).summary["tasks_created"] == 1
+    assert run_at(NOW, env).summary["tasks_created"] == 1
 
 
 def test_a_pause_in_another_zone_uses_its_local_dates(
@@ -96,7 +97,7 @@ def test_a_pause_in_another_zone_uses_its_local_dates(
             },
         ]
     )
-    result = run_job(["--now", NOW], job_env(db, tasks_server))
+    result = run_at(NOW, job_env(db, tasks_server))
     assert result.code == 0, result.stderr
     assert list(bodies(tasks_server)) == [1]
     assert bodies(tasks_server)[1]["scheduled_at"] == "2026-11-29T16:00:00-08:00"
@@ -123,7 +124,7 @@ def test_holidays_and_national_numbers_reach_the_task(
             },
         ]
     )
-    result = run_job(["--now", "2026-11-23T08:00:00+09:00"], job_env(db, tasks_server))
+    result = run_at("2026-11-23T08:00:00+09:00", job_env(db, tasks_server))
     assert result.code == 0, result.stderr
     assert sorted(bodies(tasks_server)) == [2, 3]
     assert bodies(tasks_server)[2]["phone_number"] == "+81312345678"
@@ -163,7 +164,7 @@ def shape(db: Database) -> dict[str, list[tuple[object, ...]]]:
     """Columns (name, type, null, default) and index columns of the job's tables."""
     found = {}
     with db.connect() as conn, conn.cursor() as cur:
-        for table in ("users", "scheduled_calls"):
+        for table in ("users", "scheduled_calls", "job_runs"):
             cur.execute(
                 "SELECT column_name, column_type, is_nullable, column_default"
                 " FROM information_schema.columns WHERE table_schema = %s AND table_name = %s"
@@ -186,24 +187,31 @@ def test_the_migrations_bring_an_old_database_to_schema_sql(
     old_db.execute("DROP TABLE IF EXISTS scheduled_calls")
     old_db.insert([{"id": 1, "call_weekdays": "daily", "call_time": "09:00"}])
     env = job_env(old_db, tasks_server)
-    first = run_job(["--now", NOW], env)
+    first = run_at(NOW, env)
     assert first.code == 2
     assert "migrations/001_scheduled_calls.sql" in first.stderr
     apply(old_db, "migrations/001_scheduled_calls.sql")
-    second = run_job(["--now", NOW], env)
+    second = run_at(NOW, env)
     assert second.code == 2
     assert "table users is missing or has old columns" in second.stderr
     assert "migrations/002_users_pauses.sql" in second.stderr
     assert tasks_server.rpcs == []  # nothing was done before the schema was right
     apply(old_db, "migrations/002_users_pauses.sql")
-    third = run_job(["--now", NOW], env)
+    third = run_at(NOW, env)
     assert third.code == 2
     assert "table scheduled_calls is missing or has old columns" in third.stderr
     assert "migrations/003_scheduled_calls_queue.sql" in third.stderr
     assert tasks_server.rpcs == []
     apply(old_db, "migrations/003_scheduled_calls_queue.sql")
+    fourth = run_at(NOW, env)
+    assert fourth.code == 2
+    assert "table scheduled_calls is missing or has old columns" in fourth.stderr
+    assert "migrations/004_quick_runs.sql" in fourth.stderr
+    assert "GRANT SELECT, INSERT, DELETE ON" in fourth.stderr and ".job_runs" in fourth.stderr
+    assert tasks_server.rpcs == []
+    apply(old_db, "migrations/004_quick_runs.sql")
     assert shape(old_db) == shape(db)
-    assert run_job(["--now", NOW], env).summary["tasks_created"] == 1
+    assert run_at(NOW, env).summary["tasks_created"] == 1
 
 
 # -- --check ----------------------------------------------------------------------------

@@ -29,8 +29,9 @@ def planned(
     summary = RunSummary()
     conn = main.connect(cfg, streaming=True)
     try:
-        rows = main.read_rows(conn, cfg, window)
-        calls = list(main.plan(rows, cfg, window, summary, threading.Event(), set()))
+        with main.Snapshot(conn, cfg) as snapshot:
+            rows = snapshot.rows(window)
+            calls = list(main.plan(rows, cfg, window, summary, threading.Event(), main.Seen()))
     finally:
         conn.close()
     return calls, summary
@@ -212,11 +213,15 @@ def test_all_zone_queries_read_one_snapshot(db: Database) -> None:
     window = Window.around(NOW, cfg.grace, cfg.lookahead)
     conn = main.connect(cfg, streaming=True)
     try:
-        rows = main.read_rows(conn, cfg, window)
-        first = next(rows)
-        other = 2 if first.id == 1 else 1
-        db.execute("UPDATE users SET timezone = %s WHERE id = %s", (first.timezone, other))
-        rest = list(rows)
+        with main.Snapshot(conn, cfg) as snapshot:
+            rows = snapshot.rows(window)
+            first = next(rows)
+            other = 2 if first.id == 1 else 1
+            db.execute("UPDATE users SET timezone = %s WHERE id = %s", (first.timezone, other))
+            rest = list(rows)
+            # A row looked up by id later in the run is read in the same snapshot too.
+            looked_up = snapshot.active([other])
     finally:
         conn.close()
     assert sorted([first.id, *(r.id for r in rest)]) == [1, 2]
+    assert looked_up[other].timezone != first.timezone

@@ -18,9 +18,11 @@ def clean_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The committed files only, as a fresh clone has them; the virtualenvs that
     `make test` already built are linked in (their install is what .ci/run proves)."""
     copy = tmp_path_factory.mktemp("clone")
-    files = subprocess.run(
-        ["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True
-    ).stdout.decode().split("\0")
+    files = (
+        subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True)
+        .stdout.decode()
+        .split("\0")
+    )
     for name in filter(None, files):
         if (ROOT / name).exists():
             (copy / name).parent.mkdir(parents=True, exist_ok=True)

@@ -40,7 +40,11 @@ READ_ONLY = {"describe", "list", "versions", "get-default-service-account", "rea
 RUNTIME_SA = "serviceAccount:anpi-call-job@anpi-prod.iam.gserviceaccount.com"
 SCHEDULER_SA = "anpi-call-scheduler@anpi-prod.iam.gserviceaccount.com"
 BUILD_SA = "serviceAccount:123-compute@developer.gserviceaccount.com"
-QUEUE_ROLES = ("roles/cloudtasks.enqueuer", "roles/cloudtasks.viewer", "roles/cloudtasks.taskDeleter")
+QUEUE_ROLES = (
+    "roles/cloudtasks.enqueuer",
+    "roles/cloudtasks.viewer",
+    "roles/cloudtasks.taskDeleter",
+)
 JOB = "anpi-call-create-task-job"
 
 
@@ -62,7 +66,9 @@ class Deploy:
         bin_dir = tmp / "bin"
         bin_dir.mkdir()
         gcloud = bin_dir / "gcloud"
-        gcloud.write_text(f"#!/bin/sh\nexec {sys.executable} {ROOT / 'tests' / 'fake_gcloud.py'} \"$@\"\n")
+        gcloud.write_text(
+            f'#!/bin/sh\nexec {sys.executable} {ROOT / "tests" / "fake_gcloud.py"} "$@"\n'
+        )
         gcloud.chmod(0o755)
         self.log = tmp / "gcloud.log"
         self.state = tmp / "gcloud.json"
@@ -136,10 +142,17 @@ def test_the_tree_check_refuses_what_real_gcloud_refuses(cli_tree: Path, deploy:
     tree = json.loads(cli_tree.read_text())
     assert cli_problem(["run", "jobs", "execute", "j", "--region=r", "--wait"], tree) is None
     assert cli_problem(["run", "jobs", "execute", "j", "--no-wait"], tree) is None
-    assert cli_problem(["scheduler", "jobs", "create", "http", "j", "--http-method=POST"], tree) is None
-    assert "unrecognized flag --bogus" in str(cli_problem(["run", "jobs", "execute", "j", "--bogus=1"], tree))
+    assert (
+        cli_problem(["scheduler", "jobs", "create", "http", "j", "--http-method=POST"], tree)
+        is None
+    )
+    assert "unrecognized flag --bogus" in str(
+        cli_problem(["run", "jobs", "execute", "j", "--bogus=1"], tree)
+    )
     assert "invalid choice 'lanch'" in str(cli_problem(["run", "jobs", "lanch", "j"], tree))
-    assert "not one of" in str(cli_problem(["scheduler", "jobs", "create", "http", "j", "--http-method=FETCH"], tree))
+    assert "not one of" in str(
+        cli_problem(["scheduler", "jobs", "create", "http", "j", "--http-method=FETCH"], tree)
+    )
     assert "takes no value" in str(cli_problem(["run", "jobs", "execute", "j", "--wait=yes"], tree))
     assert "command group" in str(cli_problem(["run", "jobs"], tree))
     assert "invalid choice 'policies' for gcloud monitoring" in str(
@@ -156,7 +169,9 @@ def test_the_tree_check_refuses_what_real_gcloud_refuses(cli_tree: Path, deploy:
 
 
 def test_missing_settings_fail_fast_naming_each(deploy: Deploy) -> None:
-    result = deploy.run(GOOGLE_CLOUD_PROJECT="<unset>", ANPI_CALL_URL="<unset>", DB_PASSWORD_SECRET="")
+    result = deploy.run(
+        GOOGLE_CLOUD_PROJECT="<unset>", ANPI_CALL_URL="<unset>", DB_PASSWORD_SECRET=""
+    )
     assert result.returncode != 0
     for name in ("GOOGLE_CLOUD_PROJECT", "ANPI_CALL_URL", "DB_PASSWORD_SECRET"):
         assert name in result.stderr
@@ -167,7 +182,12 @@ def test_malformed_settings_fail_fast(deploy: Deploy) -> None:
     result = deploy.run(CLOUD_SQL_INSTANCE="anpi-db", ANPI_CALL_URL="http://x/call",
                         ALERT_EMAIL="ops@example.com, nobody", DB_NAME="a\nb")  # fmt: skip
     assert result.returncode != 0
-    for name in ("CLOUD_SQL_INSTANCE", "ANPI_CALL_URL", "'nobody' is not an email", "DB_NAME holds"):
+    for name in (
+        "CLOUD_SQL_INSTANCE",
+        "ANPI_CALL_URL",
+        "'nobody' is not an email",
+        "DB_NAME holds",
+    ):
         assert name in result.stderr
     assert deploy.calls() == []
 
@@ -189,7 +209,12 @@ def test_first_full_run(deploy: Deploy) -> None:
         assert setting in queue
 
     bindings = deploy.bindings()
-    assert ("secret", "anpi-db-password", RUNTIME_SA, "roles/secretmanager.secretAccessor") in bindings
+    assert (
+        "secret",
+        "anpi-db-password",
+        RUNTIME_SA,
+        "roles/secretmanager.secretAccessor",
+    ) in bindings
     for role in QUEUE_ROLES:
         assert ("queue", "anpi-call-queue", RUNTIME_SA, role) in bindings
     assert ("run-job", JOB, f"serviceAccount:{SCHEDULER_SA}", "roles/run.invoker") in bindings
@@ -227,7 +252,9 @@ def test_first_full_run(deploy: Deploy) -> None:
     assert firsts == sorted(firsts)
     assert order[-1][:3] == ["run", "jobs", "execute"]
     # Every command is printed before it runs.
-    assert result.stderr.count("\n+ gcloud ") + result.stderr.startswith("+ gcloud ") >= len(deploy.calls())
+    assert result.stderr.count("\n+ gcloud ") + result.stderr.startswith("+ gcloud ") >= len(
+        deploy.calls()
+    )
 
 
 def test_rendered_job_yaml(deploy: Deploy) -> None:
@@ -246,7 +273,9 @@ def test_rendered_job_yaml(deploy: Deploy) -> None:
     assert task["maxRetries"] >= 1
     assert task["timeoutSeconds"] > 0
     [container] = task["containers"]
-    assert container["image"].startswith("asia-northeast1-docker.pkg.dev/anpi-prod/anpi/anpi-call-scheduler:")
+    assert container["image"].startswith(
+        "asia-northeast1-docker.pkg.dev/anpi-prod/anpi/anpi-call-scheduler:"
+    )
     env = container_env(job)
     assert env["INSTANCE_CONNECTION_NAME"] == "anpi-prod:asia-northeast1:anpi-db"
     assert env["DB_PASSWORD"] == {"secretKeyRef": {"name": "anpi-db-password", "key": "7"}}
@@ -310,14 +339,22 @@ def test_infrastructure_only(deploy: Deploy) -> None:
     assert deploy.find("tasks", "queues", "create")
     assert deploy.find("artifacts", "repositories", "create")
     assert deploy.find("alpha", "monitoring", "policies", "create")
-    assert not deploy.find("builds", "submit") and not deploy.find("run", "jobs") and not deploy.find("scheduler")
+    assert (
+        not deploy.find("builds", "submit")
+        and not deploy.find("run", "jobs")
+        and not deploy.find("scheduler")
+    )
 
 
 def test_deploy_only(deploy: Deploy) -> None:
     assert deploy.run("--infrastructure-only").returncode == 0
     result = deploy.run("--deploy-only")
     assert result.returncode == 0, result.stderr
-    assert not deploy.find("services") and not deploy.find("tasks", "queues") and not deploy.find("monitoring")
+    assert (
+        not deploy.find("services")
+        and not deploy.find("tasks", "queues")
+        and not deploy.find("monitoring")
+    )
     assert deploy.find("builds", "submit") and deploy.find("run", "jobs", "replace")
     assert deploy.find("scheduler", "jobs", "create", "http")
     assert deploy.find("run", "jobs", "execute")
@@ -329,7 +366,10 @@ def test_a_describe_that_is_denied_stops_the_script(deploy: Deploy) -> None:
     result = deploy.run()
     assert result.returncode == 1
     assert "PERMISSION_DENIED" in result.stderr  # gcloud's own error
-    assert "cannot tell whether it exists: gcloud tasks queues describe anpi-call-queue" in result.stderr
+    assert (
+        "cannot tell whether it exists: gcloud tasks queues describe anpi-call-queue"
+        in result.stderr
+    )
     assert not deploy.find("tasks", "queues", "create") and not deploy.find("builds")
 
 
@@ -347,7 +387,10 @@ def test_iam_retries_are_bounded(deploy: Deploy) -> None:
     deploy.set_state(faults={"iam_not_yet": 100})
     result = deploy.run("--infrastructure-only", IAM_RETRY_SECONDS="3")
     assert result.returncode == 1
-    assert "does not exist" in result.stderr and "failed (after 3s of retries): gcloud projects add-iam-policy-binding" in result.stderr
+    assert (
+        "does not exist" in result.stderr
+        and "failed (after 3s of retries): gcloud projects add-iam-policy-binding" in result.stderr
+    )
     assert len([c for c in deploy.calls() if "add-iam-policy-binding" in c["argv"]]) == 3  # 1+2 s
 
 
@@ -374,7 +417,12 @@ def test_oidc_account_gets_service_account_user(deploy: Deploy) -> None:
     account = "anpi-call-invoker@anpi-prod.iam.gserviceaccount.com"
     deploy.set_state(resources={f"service-account/{account}": {}})
     assert deploy.run("--skip-test", TASKS_OIDC_SERVICE_ACCOUNT=account).returncode == 0
-    assert ("service-account", account, RUNTIME_SA, "roles/iam.serviceAccountUser") in deploy.bindings()
+    assert (
+        "service-account",
+        account,
+        RUNTIME_SA,
+        "roles/iam.serviceAccountUser",
+    ) in deploy.bindings()
 
 
 def test_image_tag_names_the_commit_and_an_uncommitted_tree(deploy: Deploy) -> None:
@@ -393,7 +441,9 @@ def test_image_tag_names_the_commit_and_an_uncommitted_tree(deploy: Deploy) -> N
     assert tag() == sha
     (deploy.dir / "job.yaml").write_text((deploy.dir / "job.yaml").read_text() + "\n")
     dirty = tag()
-    assert dirty.startswith(f"{sha}-dirty-") and len(dirty) == len(sha) + len("-dirty-20261202T090000Z")
+    assert dirty.startswith(f"{sha}-dirty-") and len(dirty) == len(sha) + len(
+        "-dirty-20261202T090000Z"
+    )
 
 
 # -- deploy.env -------------------------------------------------------------------------
@@ -418,7 +468,9 @@ NOVALUE
 """.replace("<3 spaces>", "   ")
 
 
-def dotenv_as_deploy_reads_it(tmp_path: Path, text: str, names: list[str]) -> dict[str, str | None] | None:
+def dotenv_as_deploy_reads_it(
+    tmp_path: Path, text: str, names: list[str]
+) -> dict[str, str | None] | None:
     """Source deploy.sh and read `text` with its parser: name -> value (None: unset), or
     None when it refuses the file."""
     path = tmp_path / "deploy.env"
@@ -444,8 +496,12 @@ def test_deploy_env_is_read_as_python_dotenv_reads_it(tmp_path: Path) -> None:
 # ASCII and Japanese: Unicode spaces such as U+00A0 are whitespace to Python, not to
 # bash, and no setting holds one. Plus the pieces the rules are about.
 DOTENV_VALUES = st.lists(
-    st.text(st.characters(min_codepoint=32, max_codepoint=126) | st.sampled_from("安否確認"), max_size=6)
-    | st.sampled_from(["${V0}", "${V1:-d}", "${NONE}", "${X:-}", "\\n", "\\t", "\\\\", " #c", "#", "'", '"', " "]),
+    st.text(
+        st.characters(min_codepoint=32, max_codepoint=126) | st.sampled_from("安否確認"), max_size=6
+    )
+    | st.sampled_from(
+        ["${V0}", "${V1:-d}", "${NONE}", "${X:-}", "\\n", "\\t", "\\\\", " #c", "#", "'", '"', " "]
+    ),
     max_size=4,
 ).map("".join)
 
@@ -522,19 +578,26 @@ def test_alerts_are_created_once_and_updated_on_a_rerun(deploy: Deploy) -> None:
     assert all("./deploy.sh" in p["documentation"]["content"] for p in policies.values())
 
     [failed] = policies[f"{JOB}: an execution failed"]["conditions"]
-    assert 'metric.type="run.googleapis.com/job/completed_execution_count"' in failed["conditionThreshold"]["filter"]
+    assert (
+        'metric.type="run.googleapis.com/job/completed_execution_count"'
+        in failed["conditionThreshold"]["filter"]
+    )
     assert 'metric.labels.result="failed"' in failed["conditionThreshold"]["filter"]
     [absent] = policies[f"{JOB}: no successful execution for 2 hours"]["conditions"]
     assert absent["conditionAbsent"]["duration"] == "7200s"
     assert 'metric.labels.result="succeeded"' in absent["conditionAbsent"]["filter"]
     [invalid] = policies[f"{JOB}: rows became invalid"]["conditions"]
-    assert f"logging.googleapis.com/user/{JOB}-invalid-rows" in invalid["conditionThreshold"]["filter"]
+    assert (
+        f"logging.googleapis.com/user/{JOB}-invalid-rows" in invalid["conditionThreshold"]["filter"]
+    )
     metrics = {m[3]: m for m in deploy.find("logging", "metrics", "create")}
     assert set(metrics) == {f"{JOB}-invalid-rows", f"{JOB}-calls-not-placed"}
 
     # Rerun, now with two addresses (one repeated): two channels, the same four
     # policies, updated because their definition changed.
-    second = deploy.run("--infrastructure-only", ALERT_EMAIL="ops@example.com, oncall@example.com ops@example.com")
+    second = deploy.run(
+        "--infrastructure-only", ALERT_EMAIL="ops@example.com, oncall@example.com ops@example.com"
+    )
     assert second.returncode == 0, second.stderr
     assert len(deploy.find("beta", "monitoring", "channels", "create")) == 2
     assert not deploy.find("policies", "create") and not deploy.find("metrics", "create")
@@ -544,7 +607,12 @@ def test_alerts_are_created_once_and_updated_on_a_rerun(deploy: Deploy) -> None:
     channels = sorted(state["channels"].values())
     assert all(sorted(p["notificationChannels"]) == channels for p in state["policies"].values())
     # A third run reuses the channels and leaves the policies as they are.
-    assert deploy.run("--infrastructure-only", ALERT_EMAIL="ops@example.com,oncall@example.com").returncode == 0
+    assert (
+        deploy.run(
+            "--infrastructure-only", ALERT_EMAIL="ops@example.com,oncall@example.com"
+        ).returncode
+        == 0
+    )
     assert not deploy.find("channels", "create") and len(deploy.read_state()["channels"]) == 2
     assert not deploy.find("policies", "update")
 
@@ -564,7 +632,9 @@ def test_a_failed_listing_stops_the_script(deploy: Deploy, listing: str) -> None
     no "0 pending tasks, delete it"."""
     assert deploy.run("--skip-test", TASK_COUNT="3", ALERT_EMAIL="ops@example.com").returncode == 0
     deploy.set_state(faults={"deny": [listing]})
-    result = deploy.run("--skip-test", TASK_COUNT="2", ALERT_EMAIL="ops@example.com")  # queue-2 left over
+    result = deploy.run(
+        "--skip-test", TASK_COUNT="2", ALERT_EMAIL="ops@example.com"
+    )  # queue-2 left over
     assert result.returncode == 1 and "PERMISSION_DENIED" in result.stderr
     assert not deploy.find("create")
     if listing.startswith("tasks"):
@@ -587,7 +657,10 @@ def test_the_log_metrics_match_the_job_s_own_log_lines(deploy: Deploy) -> None:
     """The filters name what main.py really writes: the invalid-row line (ERROR, its
     message) and the summary's counters."""
     assert deploy.run("--infrastructure-only").returncode == 0
-    filters = {m[3]: next(a for a in m if a.startswith("--log-filter=")) for m in deploy.find("metrics", "create")}
+    filters = {
+        m[3]: next(a for a in m if a.startswith("--log-filter="))
+        for m in deploy.find("metrics", "create")
+    }
     row = main.UserRow(id=7, phone_number="+819012345678", call_weekdays="x", call_time=None,
                        timezone=None, pause_from=None, pause_until=None)  # fmt: skip
     lines: list[logging.LogRecord] = []
@@ -601,7 +674,9 @@ def test_the_log_metrics_match_the_job_s_own_log_lines(deploy: Deploy) -> None:
     entry = json.loads(main.JsonFormatter().format(lines[0]))
     assert entry["severity"] == "ERROR"
     invalid = filters[f"{JOB}-invalid-rows"]
-    assert "severity=ERROR" in invalid and f'jsonPayload.message:"{entry["message"][:19]}"' in invalid
+    assert (
+        "severity=ERROR" in invalid and f'jsonPayload.message:"{entry["message"][:19]}"' in invalid
+    )
     not_placed = filters[f"{JOB}-calls-not-placed"]
     fields = {f.name for f in dataclasses.fields(main.RunSummary)}
     for name in ("tasks_failed", "tasks_not_attempted"):
@@ -632,8 +707,13 @@ def test_day_two_commands(deploy: Deploy) -> None:
     logs = deploy.run("logs", "--since", "30m", "--severity=warning")
     assert logs.returncode == 0, logs.stderr
     [read] = deploy.find("logging", "read")
-    assert f'resource.labels.job_name="{JOB}" AND severity>=WARNING' in read[2] and "--freshness=30m" in read
-    assert deploy.run("logs").returncode == 0 and "--freshness=2h" in deploy.find("logging", "read")[0]
+    assert (
+        f'resource.labels.job_name="{JOB}" AND severity>=WARNING' in read[2]
+        and "--freshness=30m" in read
+    )
+    assert (
+        deploy.run("logs").returncode == 0 and "--freshness=2h" in deploy.find("logging", "read")[0]
+    )
     assert deploy.run("logs", "--since", "soon").returncode == 1
 
     assert deploy.run("execute", "--dry-run", "--wait").returncode == 0
@@ -643,9 +723,15 @@ def test_day_two_commands(deploy: Deploy) -> None:
     assert not [a for a in deploy.find("execute")[0] if a.startswith(("--args", "--wait"))]
 
     assert deploy.run("pause").returncode == 0
-    assert deploy.read_state()["resources"]["scheduler-job/anpi-call-scheduler-job"]["state"] == "pause"
+    assert (
+        deploy.read_state()["resources"]["scheduler-job/anpi-call-scheduler-job"]["state"]
+        == "pause"
+    )
     assert deploy.run("resume").returncode == 0
-    assert deploy.read_state()["resources"]["scheduler-job/anpi-call-scheduler-job"]["state"] == "resume"
+    assert (
+        deploy.read_state()["resources"]["scheduler-job/anpi-call-scheduler-job"]["state"]
+        == "resume"
+    )
 
     image = deploy.read_state()["images"][0]
     deploy.set_state(images=["asia-northeast1-docker.pkg.dev/anpi-prod/anpi/anpi-call-scheduler:abc1234",
@@ -653,7 +739,10 @@ def test_day_two_commands(deploy: Deploy) -> None:
     rolled = deploy.run("rollback", "abc1234")
     assert rolled.returncode == 0, rolled.stderr
     [update] = deploy.find("run", "jobs", "update")
-    assert "--image=asia-northeast1-docker.pkg.dev/anpi-prod/anpi/anpi-call-scheduler:abc1234" in update
+    assert (
+        "--image=asia-northeast1-docker.pkg.dev/anpi-prod/anpi/anpi-call-scheduler:abc1234"
+        in update
+    )
     assert f"to undo this rollback: ./deploy.sh rollback {image.rsplit(':', 1)[1]}" in rolled.stderr
     missing = deploy.run("rollback", "nosuchtag")
     assert missing.returncode == 1 and "no image" in missing.stderr
@@ -702,7 +791,10 @@ def test_shrinking_task_count_names_the_leftover_queues_and_deletes_none(deploy:
                                 "queue/anpi-call-queue-3": {"depth": 12}})  # fmt: skip
     result = deploy.run("--skip-test", TASK_COUNT="3")
     assert result.returncode == 0, result.stderr
-    assert "queue anpi-call-queue-3 is no longer used by the job; its 12 pending task(s)" in result.stderr
+    assert (
+        "queue anpi-call-queue-3 is no longer used by the job; its 12 pending task(s)"
+        in result.stderr
+    )
     assert "gcloud tasks queues delete anpi-call-queue-3" in result.stderr
     assert not deploy.find("delete") and [q[3] for q in deploy.find("queues", "update")] == [
         f"anpi-call-queue-{i}" for i in range(3)
@@ -758,7 +850,9 @@ def test_image_dependency_set_runs_the_entrypoint(tmp_path: Path, db: Database) 
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.splitlines()[-1])["calls_planned"] == 1
-    freeze = subprocess.run([python, "-m", "pip", "freeze"], capture_output=True, text=True, check=True)
+    freeze = subprocess.run(
+        [python, "-m", "pip", "freeze"], capture_output=True, text=True, check=True
+    )
     pinned = {ln.split("==")[0].lower() for ln in (ROOT / "requirements.txt").read_text().splitlines()
               if "==" in ln}  # fmt: skip
     installed = {ln.split("==")[0].lower() for ln in freeze.stdout.splitlines() if "==" in ln}

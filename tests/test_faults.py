@@ -27,6 +27,7 @@ from tests.conftest import (
     drop_database,
     finish_job,
     job_env,
+    run_at,
     run_job,
     start_job,
 )
@@ -71,7 +72,7 @@ def test_transient_errors_are_retried(
 ) -> None:
     daily_users(db, 5)
     tasks_server.faults.fail_first, tasks_server.faults.fail_code = 4, code
-    result = run_job(["--now", NOW], job_env(db, tasks_server))
+    result = run_at(NOW, job_env(db, tasks_server))
     assert result.code == 0, result.stderr
     assert result.summary["tasks_created"] == 5
     assert_each_call_once(tasks_server, 5)
@@ -82,7 +83,7 @@ def test_random_transient_failures_leave_each_call_once(
 ) -> None:
     daily_users(db, 60)
     tasks_server.faults.fail_fraction = 0.3
-    result = run_job(["--now", NOW], job_env(db, tasks_server))
+    result = run_at(NOW, job_env(db, tasks_server))
     assert result.code == 0, result.stderr
     assert result.summary["tasks_created"] == 60
     assert_each_call_once(tasks_server, 60)
@@ -93,7 +94,7 @@ def test_timeout_after_the_server_stored_the_task_ends_as_one_task(
 ) -> None:
     daily_users(db, 6)
     tasks_server.faults.timeout_after_store = 3
-    result = run_job(["--now", NOW], job_env(db, tasks_server))
+    result = run_at(NOW, job_env(db, tasks_server))
     assert result.code == 0, result.stderr
     # The retry met ALREADY_EXISTS: done, counted as existing, not created twice.
     assert (result.summary["tasks_created"], result.summary["tasks_existing"]) == (3, 3)
@@ -104,7 +105,7 @@ def test_retries_stop_at_the_deadline(db: Database, tasks_server: FakeCloudTasks
     daily_users(db, 3)
     tasks_server.faults.fail_first = 10**6
     started = time.monotonic()
-    result = run_job(["--now", NOW], job_env(db, tasks_server, ENQUEUE_DEADLINE_SECONDS="2"))
+    result = run_at(NOW, job_env(db, tasks_server, ENQUEUE_DEADLINE_SECONDS="2"))
     assert time.monotonic() - started < 30
     assert result.code == 1
     assert result.summary["tasks_failed"] == 3
@@ -124,7 +125,7 @@ def test_permanent_errors_are_not_retried_and_others_go_on(
 ) -> None:
     daily_users(db, 4)
     tasks_server.faults.permanent = {3: code}
-    result = run_job(["--now", NOW], job_env(db, tasks_server))
+    result = run_at(NOW, job_env(db, tasks_server))
     assert result.code == 1
     assert result.summary["tasks_failed"] == 1
     assert result.summary["tasks_created"] == 3
@@ -136,10 +137,13 @@ def test_permanent_errors_are_not_retried_and_others_go_on(
 def test_missing_queue_stops_with_one_message(db: Database, tasks_server: FakeCloudTasks) -> None:
     daily_users(db, 200)
     tasks_server.faults.missing_queue = True
-    result = run_job(["--now", NOW], job_env(db, tasks_server, ENQUEUE_CONCURRENCY="4"))
+    result = run_at(NOW, job_env(db, tasks_server, ENQUEUE_CONCURRENCY="4"))
     assert result.code == 1
     [message] = [line for line in result.stderr.splitlines() if "CRITICAL" in line]
-    assert "queue projects/test-project/locations/asia-northeast1/queues/anpi-call-queue not found" in message
+    assert (
+        "queue projects/test-project/locations/asia-northeast1/queues/anpi-call-queue not found"
+        in message
+    )
     assert "anpi-call-queue" in result.summary["error"]
     assert result.summary["tasks_not_attempted"] == 200
     assert len(tasks_server.rpcs) <= 8  # stopped at the first, not one per user
@@ -237,7 +241,7 @@ def test_database_down_at_start_is_retried_until_it_answers(db: Database) -> Non
     proxy = TcpProxy((DB_SETTINGS["host"], DB_SETTINGS["port"]), listen_after=2.0)
     try:
         env = job_env(db, DB_HOST="127.0.0.1", DB_PORT=str(proxy.port))
-        result = run_job(["--dry-run", "--now", NOW], env)
+        result = run_at(NOW, env, "--dry-run")
     finally:
         proxy.close()
     assert result.code == 0, result.stderr
@@ -342,7 +346,7 @@ def test_bad_rows_are_counted_logged_once_and_never_stop_the_run(
         {"id": i, **good, **bad} for i, bad in enumerate(BAD_ROWS, start=2)
     ]
     db.insert(rows)
-    result = run_job(["--now", NOW], job_env(db, tasks_server))
+    result = run_at(NOW, job_env(db, tasks_server))
     assert result.code == 0, result.stderr
     assert result.summary["rows_invalid"] == len(BAD_ROWS)
     assert result.summary["tasks_created"] == 1
@@ -368,7 +372,7 @@ def test_bytes_columns_are_decoded_or_reported() -> None:
                 {"id": 2, "call_weekdays": b"\xff\xfe\x00", "call_time": "09:30"},
             ]
         )
-        result = run_job(["--dry-run", "--now", NOW], job_env(db))
+        result = run_at(NOW, job_env(db), "--dry-run")
     finally:
         drop_database(db)
     assert result.code == 0, result.stderr

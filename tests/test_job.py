@@ -1,4 +1,5 @@
-"""The job as a subprocess against the real MariaDB and the in-tests Cloud Tasks server."""
+"""The job against the real MariaDB and the in-tests Cloud Tasks server: in-process, and
+as a process where the process is what is tested (exit codes, .env, JSON logs)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import grpc
 import pytest
 
 import main
-from tests.conftest import CALL_URL, QUEUE_PATH, Database, job_env, run_job
+from tests.conftest import CALL_URL, QUEUE_PATH, Database, job_env, run_at, run_job, run_main
 from tests.fake_cloud_tasks import FakeCloudTasks
 
 UTC = dt.UTC
@@ -44,14 +45,16 @@ def test_dry_run_needs_no_queue_settings_and_prints_the_plan(db: Database) -> No
             {"id": 4, "call_weekdays": "火", "call_time": "09:30"},
         ]
     )
-    result = run_job(["--dry-run", "--now", NOW], job_env(db))
+    result = run_at(NOW, job_env(db), "--dry-run")
     assert result.code == 0, result.stderr
     assert sorted((p["user_id"], p["scheduled_at"]) for p in result.plan) == [
         (1, "2026-11-30T09:30:00+09:00"),
         (2, "2026-11-30T10:45:30+09:00"),
         (3, "2026-11-29T19:15:00-05:00"),
     ]
-    assert all(re.fullmatch(r"[0-9a-f]{8}-anpi-\d+-\d{8}T\d{6}Z", p["task_id"]) for p in result.plan)
+    assert all(
+        re.fullmatch(r"[0-9a-f]{8}-anpi-\d+-\d{8}T\d{6}Z", p["task_id"]) for p in result.plan
+    )
     assert result.summary == {
         **result.summary,
         "users_scanned": 4,
@@ -65,14 +68,13 @@ def test_dry_run_needs_no_queue_settings_and_prints_the_plan(db: Database) -> No
 
 def test_now_without_offset_is_default_timezone_wall_clock(db: Database) -> None:
     users(db, 1, zone="Asia/Tokyo")
-    with_offset = run_job(["--dry-run", "--now", NOW], job_env(db))
-    naive = run_job(["--dry-run", "--now", "2026-11-30T09:00:00"], job_env(db))
-    utc = run_job(["--dry-run", "--now", "2026-11-30T00:00:00Z"], job_env(db))
+    with_offset = run_at(NOW, job_env(db), "--dry-run")
+    naive = run_at("2026-11-30T09:00:00", job_env(db), "--dry-run")
+    utc = run_at("2026-11-30T00:00:00Z", job_env(db), "--dry-run")
     assert with_offset.plan == naive.plan == utc.plan
     assert len(naive.plan) == 1
-    ny = run_job(
-        ["--dry-run", "--now", "2026-11-30T09:00:00"],
-        job_env(db, DEFAULT_TIMEZONE="America/New_York"),
+    ny = run_at(
+        "2026-11-30T09:00:00", job_env(db, DEFAULT_TIMEZONE="America/New_York"), "--dry-run"
     )
     assert ny.plan == []  # 09:00 in New York is 23:00 in Tokyo: no call due
 
@@ -80,16 +82,16 @@ def test_now_without_offset_is_default_timezone_wall_clock(db: Database) -> None
 def test_every_task_field(db: Database, tasks_server: FakeCloudTasks) -> None:
     db.insert([{"id": 7, "call_weekdays": "daily", "call_time": "09:30", "phone_number": PHONE}])
     account = "anpi-invoker@test-project.iam.gserviceaccount.com"
-    result = run_job(
-        ["--now", NOW], job_env(db, tasks_server, TASKS_OIDC_SERVICE_ACCOUNT=account)
-    )
+    result = run_at(NOW, job_env(db, tasks_server, TASKS_OIDC_SERVICE_ACCOUNT=account))
     assert result.code == 0, result.stderr
     assert result.summary["tasks_created"] == 1
     [(name, task)] = tasks_server.tasks.items()
     task_id = name.rsplit("/", 1)[1]
     assert name == f"{QUEUE_PATH}/tasks/{task_id}"
     assert re.fullmatch(r"[0-9a-f]{8}-anpi-7-20261130T003000Z", task_id)
-    assert task.schedule_time.timestamp() == dt.datetime(2026, 11, 30, 0, 30, tzinfo=UTC).timestamp()
+    assert (
+        task.schedule_time.timestamp() == dt.datetime(2026, 11, 30, 0, 30, tzinfo=UTC).timestamp()
+    )
     request = task.http_request
     assert request.url == CALL_URL
     assert request.http_method.name == "POST"
@@ -104,15 +106,15 @@ def test_every_task_field(db: Database, tasks_server: FakeCloudTasks) -> None:
 
 def test_no_oidc_token_unless_configured(db: Database, tasks_server: FakeCloudTasks) -> None:
     users(db, 1)
-    assert run_job(["--now", NOW], job_env(db, tasks_server)).code == 0
+    assert run_at(NOW, job_env(db, tasks_server)).code == 0
     [task] = tasks_server.tasks.values()
     assert not task.http_request.oidc_token.service_account_email
 
 
 def test_second_identical_run_creates_nothing(db: Database, tasks_server: FakeCloudTasks) -> None:
     users(db, 5)
-    first = run_job(["--now", NOW], job_env(db, tasks_server))
-    second = run_job(["--now", NOW], job_env(db, tasks_server))
+    first = run_at(NOW, job_env(db, tasks_server))
+    second = run_at(NOW, job_env(db, tasks_server))
     assert (first.code, second.code) == (0, 0)
     assert first.summary["tasks_created"] == 5
     assert second.summary["tasks_created"] == 0
@@ -131,10 +133,10 @@ def test_missed_hourly_run_loses_nothing_and_doubles_nothing(
         ]
     )
     ten = dt.datetime(2026, 11, 30, 10, tzinfo=dt.timezone(dt.timedelta(hours=9)))
-    assert run_job(["--now", ten.isoformat()], job_env(db, tasks_server)).code == 0
+    assert run_at(ten.isoformat(), job_env(db, tasks_server)).code == 0
     # 11:00's run never happens; by 12:00 the calls due before it have been dispatched.
     fired = tasks_server.run_due((ten + dt.timedelta(hours=2)).timestamp())
-    twelve = run_job(["--now", (ten + dt.timedelta(hours=2)).isoformat()], job_env(db, tasks_server))
+    twelve = run_at((ten + dt.timedelta(hours=2)).isoformat(), job_env(db, tasks_server))
     assert twelve.code == 0, twelve.stderr
     fired += list(tasks_server.tasks)  # dispatched, or still to be dispatched
     calls = [main.parse_task_id(n.rsplit("/", 1)[1]) for n in fired]
@@ -149,7 +151,7 @@ def test_missed_hourly_run_loses_nothing_and_doubles_nothing(
 def test_transient_errors_are_retried(db: Database, tasks_server: FakeCloudTasks) -> None:
     users(db, 4)
     tasks_server.faults.fail_first = 3
-    result = run_job(["--now", NOW], job_env(db, tasks_server))
+    result = run_at(NOW, job_env(db, tasks_server))
     assert result.code == 0, result.stderr
     assert result.summary["tasks_created"] == 4
     assert len(tasks_server.tasks) == 4
@@ -160,7 +162,7 @@ def test_a_failed_task_fails_the_run_but_not_the_others(
 ) -> None:
     users(db, 3)
     tasks_server.faults.permanent = {2: grpc.StatusCode.PERMISSION_DENIED}
-    result = run_job(["--now", NOW], job_env(db, tasks_server))
+    result = run_at(NOW, job_env(db, tasks_server))
     assert result.code == 1
     assert result.summary["tasks_created"] == 2
     assert result.summary["tasks_failed"] == 1
@@ -173,12 +175,22 @@ def test_invalid_rows_are_counted_logged_and_do_not_fail_the_run(
     db.insert(
         [
             {"id": 1, "call_weekdays": "daily", "call_time": "09:30"},
-            {"id": 2, "call_weekdays": "月x", "call_time": "09:30", "phone_number": "+819011112222"},
-            {"id": 3, "call_weekdays": "daily", "call_time": "09:30", "phone_number": "090 3333 444"},
+            {
+                "id": 2,
+                "call_weekdays": "月x",
+                "call_time": "09:30",
+                "phone_number": "+819011112222",
+            },
+            {
+                "id": 3,
+                "call_weekdays": "daily",
+                "call_time": "09:30",
+                "phone_number": "090 3333 444",
+            },
             {"id": 4, "call_weekdays": "daily", "call_time": "09:30", "timezone": "Asia/Tokio"},
         ]
     )
-    result = run_job(["--now", NOW], job_env(db, tasks_server))
+    result = run_at(NOW, job_env(db, tasks_server))
     assert result.code == 0
     assert result.summary["rows_invalid"] == 3
     assert result.summary["tasks_created"] == 1
@@ -190,20 +202,27 @@ def test_invalid_rows_are_counted_logged_and_do_not_fail_the_run(
     assert "column=phone_number" in result.stderr
 
 
-def test_no_full_phone_number_or_password_in_any_output(db: Database, tasks_server: FakeCloudTasks) -> None:
+def test_no_full_phone_number_or_password_in_any_output(
+    db: Database, tasks_server: FakeCloudTasks
+) -> None:
     db.insert(
         [
             {"id": 1, "call_weekdays": "daily", "call_time": "09:30", "phone_number": PHONE},
-            {"id": 2, "call_weekdays": "bad", "call_time": "09:30", "phone_number": "+819087654321"},
+            {
+                "id": 2,
+                "call_weekdays": "bad",
+                "call_time": "09:30",
+                "phone_number": "+819087654321",
+            },
         ]
     )
     env = job_env(db, tasks_server, LOG_LEVEL="DEBUG", LOG_FORMAT="json")
     for args in (["--now", NOW], ["--dry-run", "--now", NOW]):
-        result = run_job(args, env)
+        result = run_main(args, env)
         assert PHONE not in result.stdout + result.stderr
         assert "819087654321" not in result.stdout + result.stderr
     # A wrong password: the error names the failure, never the password.
-    bad = run_job(["--now", NOW], {**env, "DB_PASSWORD": PASSWORD, "DB_RETRY_SECONDS": "0"})
+    bad = run_at(NOW, {**env, "DB_PASSWORD": PASSWORD, "DB_RETRY_SECONDS": "0"})
     assert bad.code == 1
     assert PASSWORD not in bad.stdout + bad.stderr
     assert "cannot connect to the database" in bad.stderr
@@ -212,7 +231,9 @@ def test_no_full_phone_number_or_password_in_any_output(db: Database, tasks_serv
 def test_logs_are_json_on_cloud_run(db: Database) -> None:
     users(db, 1)
     db.insert([{"id": 99, "call_weekdays": "x", "call_time": "09:30"}])
-    result = run_job(["--dry-run", "--now", NOW], job_env(db, CLOUD_RUN_JOB="anpi-call-create-task-job"))
+    result = run_job(
+        ["--dry-run", "--now", NOW], job_env(db, CLOUD_RUN_JOB="anpi-call-create-task-job")
+    )
     entries = [json.loads(line) for line in result.stderr.splitlines()]
     assert {"severity", "message"} <= set(entries[0])
     [invalid] = [e for e in entries if e.get("user_id") == 99]
@@ -224,7 +245,10 @@ def test_logs_are_json_on_cloud_run(db: Database) -> None:
 @pytest.mark.parametrize(
     ("extra", "named"),
     [
-        ({"GOOGLE_CLOUD_PROJECT": "", "ANPI_CALL_URL": ""}, ["GOOGLE_CLOUD_PROJECT", "ANPI_CALL_URL"]),
+        (
+            {"GOOGLE_CLOUD_PROJECT": "", "ANPI_CALL_URL": ""},
+            ["GOOGLE_CLOUD_PROJECT", "ANPI_CALL_URL"],
+        ),
         ({"ANPI_CALL_URL": "http://example.com/call"}, ["ANPI_CALL_URL"]),
         ({"ANPI_CALL_URL": "ftp://example.com/call"}, ["ANPI_CALL_URL"]),
         (
@@ -232,7 +256,12 @@ def test_logs_are_json_on_cloud_run(db: Database) -> None:
             ["GRACE_MINUTES", "LOOKAHEAD_MINUTES", "DEFAULT_TIMEZONE"],
         ),
         (
-            {"CLOUD_RUN_TASK_INDEX": "4", "CLOUD_RUN_TASK_COUNT": "4", "DB_PORT": "x", "LOG_LEVEL": "LOUD"},
+            {
+                "CLOUD_RUN_TASK_INDEX": "4",
+                "CLOUD_RUN_TASK_COUNT": "4",
+                "DB_PORT": "x",
+                "LOG_LEVEL": "LOUD",
+            },
             ["CLOUD_RUN_TASK_INDEX", "DB_PORT", "LOG_LEVEL"],
         ),
         ({"TASKS_OIDC_SERVICE_ACCOUNT": "not-an-email"}, ["TASKS_OIDC_SERVICE_ACCOUNT"]),
@@ -243,7 +272,7 @@ def test_configuration_errors_exit_2_naming_every_variable_before_any_side_effec
     db: Database, tasks_server: FakeCloudTasks, extra: dict[str, str], named: list[str]
 ) -> None:
     users(db, 2)
-    result = run_job(["--now", NOW], job_env(db, tasks_server, **extra))
+    result = run_at(NOW, job_env(db, tasks_server, **extra))
     assert result.code == 2
     assert result.stdout == ""
     for name in named:
@@ -253,14 +282,17 @@ def test_configuration_errors_exit_2_naming_every_variable_before_any_side_effec
 
 
 def test_usage_errors_exit_2(db: Database) -> None:
-    assert run_job(["--now", "yesterday", "--dry-run"], job_env(db)).code == 2
-    assert run_job(["--bogus"], job_env(db)).code == 2
+    assert run_main(["--now", "yesterday", "--dry-run"], job_env(db)).code == 2
+    assert run_main(["--bogus"], job_env(db)).code == 2
+    assert run_main(["--check", "--dry-run"], job_env(db)).code == 2
+    assert run_main(["--check", "--changes"], job_env(db)).code == 2
+    assert run_job(["--dry-run", "--check"], job_env(db)).code == 2  # the process too
 
 
 def test_http_webhook_allowed_on_loopback_only(db: Database, tasks_server: FakeCloudTasks) -> None:
     users(db, 1)
     for url in ("http://localhost:8080/call", "http://127.0.0.1/call", "https://example.com/call"):
-        assert run_job(["--now", NOW], job_env(db, tasks_server, ANPI_CALL_URL=url)).code == 0
+        assert run_at(NOW, job_env(db, tasks_server, ANPI_CALL_URL=url)).code == 0
 
 
 def test_database_unreachable_exits_1(tmp_path: object) -> None:
@@ -283,6 +315,8 @@ def test_env_file_is_read_and_real_variables_win(db: Database, tmp_path: object)
     assert from_file.code == 0, from_file.stderr
     assert from_file.plan == []  # New York from .env
     overridden = run_job(
-        ["--dry-run", "--now", "2026-11-30T09:00:00"], {**env, "DEFAULT_TIMEZONE": "Asia/Tokyo"}, cwd=cwd
+        ["--dry-run", "--now", "2026-11-30T09:00:00"],
+        {**env, "DEFAULT_TIMEZONE": "Asia/Tokyo"},
+        cwd=cwd,
     )
     assert len(overridden.plan) == 1

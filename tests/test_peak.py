@@ -1,11 +1,12 @@
-"""The peak minute: the busiest minute of the next 24 hours, in the summary of --check
-and of --dry-run, with a WARNING when its queue needs over PEAK_WARN_MINUTES for it."""
+"""The peak minute: the busiest minute of the next 24 hours, in the summary of --check,
+with a WARNING when its queue needs over PEAK_WARN_MINUTES for it. A dry run reads only
+its window, so its summary's peak_minute is null."""
 
 from __future__ import annotations
 
 import pytest
 
-from tests.conftest import Database, job_env, run_job
+from tests.conftest import Database, job_env, run_at, run_job
 
 NOW = "2026-11-30T08:00:00+09:00"  # a Monday
 
@@ -25,10 +26,9 @@ def fill(db: Database, at_nine: int) -> None:
         )
 
 
-@pytest.mark.parametrize("mode", ["--check", "--dry-run"])
-def test_3600_calls_at_nine_take_360s_at_10_per_second_and_warn(db: Database, mode: str) -> None:
+def test_3600_calls_at_nine_take_360s_at_10_per_second_and_warn(db: Database) -> None:
     fill(db, 3600)
-    result = run_job([mode, "--now", NOW], job_env(db))
+    result = run_at(NOW, job_env(db), "--check")
     assert result.code == 0, result.stderr
     assert result.summary["peak_minute"] == {
         "at": "2026-11-30T09:00:00+09:00",
@@ -40,10 +40,9 @@ def test_3600_calls_at_nine_take_360s_at_10_per_second_and_warn(db: Database, mo
     assert "QUEUE_MAX_DISPATCHES_PER_SECOND" in warnings[0] and "add shards" in warnings[0]
 
 
-@pytest.mark.parametrize("mode", ["--check", "--dry-run"])
-def test_2400_calls_take_240s_and_do_not_warn(db: Database, mode: str) -> None:
+def test_2400_calls_take_240s_and_do_not_warn(db: Database) -> None:
     fill(db, 2400)
-    result = run_job([mode, "--now", NOW], job_env(db))
+    result = run_at(NOW, job_env(db), "--check")
     assert result.code == 0, result.stderr
     assert result.summary["peak_minute"]["calls"] == 2400
     assert result.summary["peak_minute"]["dispatch_seconds"] == 240
@@ -52,22 +51,48 @@ def test_2400_calls_take_240s_and_do_not_warn(db: Database, mode: str) -> None:
 
 def test_the_rate_shards_and_the_threshold_move_it(db: Database) -> None:
     fill(db, 3600)
-    faster = run_job(["--check", "--now", NOW], job_env(db, QUEUE_MAX_DISPATCHES_PER_SECOND="20"))
+    faster = run_at(NOW, job_env(db, QUEUE_MAX_DISPATCHES_PER_SECOND="20"), "--check")
     assert faster.summary["peak_minute"]["dispatch_seconds"] == 180
     assert "busiest minute" not in faster.stderr
     env = job_env(db, CLOUD_RUN_TASK_COUNT="4", CLOUD_RUN_TASK_INDEX="1", QUEUE_PER_SHARD="1")
-    own_queue = run_job(["--dry-run", "--now", NOW], env).summary["peak_minute"]
+    own_queue = run_at(NOW, env, "--check").summary["peak_minute"]
     assert own_queue == {"at": "2026-11-30T09:00:00+09:00", "calls": 900, "dispatch_seconds": 90}
     env["QUEUE_PER_SHARD"] = "0"  # four shards' calls share one queue
-    shared = run_job(["--dry-run", "--now", NOW], env).summary["peak_minute"]
+    shared = run_at(NOW, env, "--check").summary["peak_minute"]
     assert shared["calls"] == 900 and shared["dispatch_seconds"] == 360
-    strict = run_job(["--check", "--now", NOW], job_env(db, PEAK_WARN_MINUTES="1.5"))
-    assert "busiest minute" in run_job(["--check", "--now", NOW], job_env(db)).stderr
+    strict = run_at(NOW, job_env(db, PEAK_WARN_MINUTES="1.5"), "--check")
+    assert "busiest minute" in run_at(NOW, job_env(db), "--check").stderr
     assert "PEAK_WARN_MINUTES=1.5" in strict.stderr
 
 
+def test_a_dry_run_reads_only_its_window_and_reports_no_peak(db: Database) -> None:
+    fill(db, 3600)
+    result = run_at(NOW, job_env(db), "--dry-run")
+    assert result.code == 0, result.stderr
+    assert result.summary["peak_minute"] is None
+    assert "busiest minute" not in result.stderr
+
+
+def test_the_peak_counts_only_calls_that_would_be_made(db: Database) -> None:
+    """An invalid row and a row paused today are not called: they do not count."""
+    db.insert(
+        [
+            {"id": 1, "call_weekdays": "daily", "call_time": "09:00"},
+            {"id": 2, "call_weekdays": "daily", "call_time": "09:00", "phone_number": "03-1234"},
+            {"id": 3, "call_weekdays": "daily", "call_time": "09:00", "pause_from": "2026-11-30"},
+        ]
+    )
+    result = run_at(NOW, job_env(db), "--check")
+    assert result.summary["rows_invalid"] == 1
+    assert result.summary["peak_minute"] == {
+        "at": "2026-11-30T09:00:00+09:00",
+        "calls": 1,
+        "dispatch_seconds": 0.1,
+    }
+
+
 def test_no_calls_no_peak(db: Database) -> None:
-    result = run_job(["--check", "--now", NOW], job_env(db))
+    result = run_at(NOW, job_env(db), "--check")
     assert result.code == 0 and result.summary["peak_minute"] is None
 
 

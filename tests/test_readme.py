@@ -117,7 +117,12 @@ def test_the_local_run_works_as_written(tmp_path: Path) -> None:
     (tmp_path / ".venv").symlink_to(ROOT / ".venv")
     block = local_run_block(EN)
     env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), **OFFLINE_ENV}
-    server = (DB_SETTINGS["host"], DB_SETTINGS["port"], DB_SETTINGS["user"], DB_SETTINGS["password"])
+    server = (
+        DB_SETTINGS["host"],
+        DB_SETTINGS["port"],
+        DB_SETTINGS["user"],
+        DB_SETTINGS["password"],
+    )
     if server != ("127.0.0.1", 3306, "root", ""):  # not the README's server: point it there
         block = block.replace("-h 127.0.0.1 -u root", f"-h 127.0.0.1 -P {server[1]} -u root")
         env["DB_PORT"] = str(server[1])

@@ -12,7 +12,7 @@ import json
 import grpc
 
 import main
-from tests.conftest import QUEUE_PATH, Database, finish_job, job_env, run_job, start_job
+from tests.conftest import QUEUE_PATH, Database, finish_job, job_env, run_at, start_job
 from tests.fake_cloud_tasks import FakeCloudTasks
 
 JST = dt.timezone(dt.timedelta(hours=9))
@@ -55,13 +55,13 @@ def test_time_change_deactivation_weekday_removal_and_deletion(
         ]
     )
     env = job_env(db, tasks_server)
-    first = run_job(["--now", EIGHT], env)
+    first = run_at(EIGHT, env)
     assert first.summary["tasks_created"] == 5
     db.execute("UPDATE users SET call_time = '09:30' WHERE id = 1")  # time changed
     db.execute("UPDATE users SET is_active = 0 WHERE id = 2")  # paused: in hospital
     db.execute("UPDATE users SET call_weekdays = 'tue' WHERE id = 3")  # Monday removed
     db.execute("DELETE FROM users WHERE id = 4")  # removed
-    second = run_job(["--now", EIGHT], env)
+    second = run_at(EIGHT, env)
     assert second.code == 0, second.stderr
     assert second.summary["tasks_deleted"] == 4
     assert second.summary["tasks_created"] == 1  # user 1 at 09:30
@@ -92,7 +92,7 @@ def test_foreign_other_shard_and_out_of_window_tasks_survive(
         tasks_server.add_task(name, in_window)
     tasks_server.add_task(stale_outside, at(10, 30).timestamp())
     env = job_env(db, tasks_server, CLOUD_RUN_TASK_INDEX="0", CLOUD_RUN_TASK_COUNT="2")
-    result = run_job(["--now", EIGHT], env)
+    result = run_at(EIGHT, env)
     assert result.code == 0, result.stderr
     assert result.summary["tasks_deleted"] == 1
     left = set(tasks_server.tasks)
@@ -107,14 +107,14 @@ def test_nine_to_nine_thirty_and_back_ends_with_exactly_one_nine_oclock_task(
 ) -> None:
     db.insert([{"id": 1, "call_weekdays": "daily", "call_time": "09:00"}])
     env = job_env(db, tasks_server)
-    assert run_job(["--now", EIGHT], env).code == 0
+    assert run_at(EIGHT, env).code == 0
     db.execute("UPDATE users SET call_time = '09:30' WHERE id = 1")
-    assert run_job(["--now", "2026-11-30T08:10:00+09:00"], env).code == 0
+    assert run_at("2026-11-30T08:10:00+09:00", env).code == 0
     db.execute("UPDATE users SET call_time = '09:00' WHERE id = 1")
-    third = run_job(["--now", "2026-11-30T08:20:00+09:00"], env)
+    third = run_at("2026-11-30T08:20:00+09:00", env)
     assert third.code == 0, third.stderr
     # The table says 09:00's base id was deleted: the call gets the next id, at once.
-    r1 = main.task_id(1, at(9).astimezone(dt.UTC), retry=1)
+    r1 = main.task_id(1, at(9).astimezone(dt.UTC), alternative=1)
     assert queue(tasks_server) == [r1]
     [task] = tasks_server.tasks.values()
     assert task.schedule_time.timestamp() == at(9).timestamp()
@@ -126,7 +126,7 @@ def test_nine_to_nine_thirty_and_back_ends_with_exactly_one_nine_oclock_task(
     ]
     assert "GetTask" not in [r.method for r in tasks_server.rpcs]  # confirmed deleted: no doubt
     # Later runs see the alternative on the queue: nothing new, nothing deleted.
-    fourth = run_job(["--now", "2026-11-30T08:30:00+09:00"], env)
+    fourth = run_at("2026-11-30T08:30:00+09:00", env)
     assert (fourth.summary["tasks_created"], fourth.summary["tasks_existing"]) == (0, 1)
     assert fourth.summary["tasks_deleted"] == 0
     assert len(tasks_server.tasks) == 1
@@ -137,9 +137,9 @@ def test_a_past_call_that_already_ran_is_not_created_again(
 ) -> None:
     db.insert([{"id": 1, "call_weekdays": "daily", "call_time": "09:00"}])
     env = job_env(db, tasks_server)
-    assert run_job(["--now", EIGHT], env).code == 0
+    assert run_at(EIGHT, env).code == 0
     assert tasks_server.run_due(at(9).timestamp())  # dispatched at 09:00
-    late = run_job(["--now", "2026-11-30T09:10:00+09:00"], env)  # 09:00 is in the grace
+    late = run_at("2026-11-30T09:10:00+09:00", env)  # 09:00 is in the grace
     assert late.code == 0, late.stderr
     assert late.summary["tasks_existing"] == 1
     assert late.summary["tasks_created"] == 0
@@ -152,10 +152,10 @@ def test_dry_run_prints_deletions_and_changes_nothing(
 ) -> None:
     db.insert([{"id": 1, "call_weekdays": "daily", "call_time": "09:00"}])
     env = job_env(db, tasks_server)
-    assert run_job(["--now", EIGHT], env).code == 0
+    assert run_at(EIGHT, env).code == 0
     db.execute("UPDATE users SET call_time = '09:45' WHERE id = 1")
     before = list(tasks_server.rpcs)
-    dry = run_job(["--dry-run", "--now", EIGHT], env)
+    dry = run_at(EIGHT, env, "--dry-run")
     assert dry.code == 0, dry.stderr
     assert dry.plan == [
         {"task_id": base(1, at(9, 45)), "user_id": 1, "scheduled_at": "2026-11-30T09:45:00+09:00"},
@@ -165,16 +165,16 @@ def test_dry_run_prints_deletions_and_changes_nothing(
     assert {r.method for r in new_rpcs} == {"ListTasks"}  # read-only
     assert queue(tasks_server) == [base(1, at(9))]
     # Without a queue configured, a dry run only plans.
-    plain = run_job(["--dry-run", "--now", EIGHT], job_env(db))
+    plain = run_at(EIGHT, job_env(db), "--dry-run")
     assert [p.get("delete") for p in plain.plan] == [None]
 
 
 def test_reconcile_off(db: Database, tasks_server: FakeCloudTasks) -> None:
     db.insert([{"id": 1, "call_weekdays": "daily", "call_time": "09:00"}])
     env = job_env(db, tasks_server, RECONCILE="0")
-    run_job(["--now", EIGHT], env)
+    run_at(EIGHT, env)
     db.execute("UPDATE users SET is_active = 0")
-    result = run_job(["--now", EIGHT], env)
+    result = run_at(EIGHT, env)
     assert result.code == 0
     assert result.summary["tasks_deleted"] == 0
     assert len(tasks_server.tasks) == 1
@@ -184,9 +184,9 @@ def test_reconcile_off(db: Database, tasks_server: FakeCloudTasks) -> None:
 def test_an_invalid_row_keeps_its_tasks(db: Database, tasks_server: FakeCloudTasks) -> None:
     db.insert([{"id": 1, "call_weekdays": "daily", "call_time": "09:00"}])
     env = job_env(db, tasks_server)
-    run_job(["--now", EIGHT], env)
+    run_at(EIGHT, env)
     db.execute("UPDATE users SET call_weekdays = 'mon-' WHERE id = 1")  # a typo
-    result = run_job(["--now", EIGHT], env)
+    result = run_at(EIGHT, env)
     assert result.summary["rows_invalid"] == 1
     assert result.summary["tasks_deleted"] == 0
     assert len(tasks_server.tasks) == 1
@@ -198,18 +198,20 @@ def test_a_second_pending_name_for_one_call_is_removed(
 ) -> None:
     db.insert([{"id": 1, "call_weekdays": "daily", "call_time": "09:00"}])
     env = job_env(db, tasks_server)
-    run_job(["--now", EIGHT], env)
-    extra = main.task_id(1, at(9).astimezone(dt.UTC), retry=1)
+    run_at(EIGHT, env)
+    extra = main.task_id(1, at(9).astimezone(dt.UTC), alternative=1)
     tasks_server.add_task(f"{QUEUE_PATH}/tasks/{extra}", at(9).timestamp())
-    result = run_job(["--now", EIGHT], env)
+    result = run_at(EIGHT, env)
     assert result.summary["tasks_deleted"] == 1
     assert queue(tasks_server) == [base(1, at(9))]
 
 
-def test_listing_denied_still_enqueues_and_reports(db: Database, tasks_server: FakeCloudTasks) -> None:
+def test_listing_denied_still_enqueues_and_reports(
+    db: Database, tasks_server: FakeCloudTasks
+) -> None:
     db.insert([{"id": 1, "call_weekdays": "daily", "call_time": "09:00"}])
     tasks_server.faults.list_error = grpc.StatusCode.PERMISSION_DENIED
-    result = run_job(["--now", EIGHT], job_env(db, tasks_server))
+    result = run_at(EIGHT, job_env(db, tasks_server))
     assert result.code == 1
     assert result.summary["tasks_created"] == 1
     assert "cannot list the queue" in result.summary["error"]
@@ -220,7 +222,7 @@ def test_pagination_over_many_tasks(db: Database, tasks_server: FakeCloudTasks) 
     for user_id in range(1, 2501):
         tasks_server.add_task(f"{QUEUE_PATH}/tasks/{base(user_id, at(9))}", at(9).timestamp())
     db.insert([{"id": i, "call_weekdays": "daily", "call_time": "09:00"} for i in range(1, 2401)])
-    result = run_job(["--now", EIGHT], job_env(db, tasks_server))
+    result = run_at(EIGHT, job_env(db, tasks_server))
     assert result.code == 0, result.stderr
     assert result.summary["tasks_existing"] == 2400  # known from the listing
     assert result.summary["tasks_deleted"] == 100  # users 2401-2500 are not in the table
@@ -235,12 +237,15 @@ def test_two_shards_reconciling_at_once_leave_the_union_correct(
         [{"id": i, "call_weekdays": "daily", "call_time": f"09:{i % 60:02d}"} for i in range(1, 81)]
     )
     env = job_env(db, tasks_server)
-    assert run_job(["--now", EIGHT], env).code == 0
+    assert run_at(EIGHT, env).code == 0
     db.execute("UPDATE users SET call_time = ADDTIME(call_time, '00:00:30') WHERE id % 3 = 0")
     db.execute("UPDATE users SET is_active = 0 WHERE id % 5 = 0")
-    expected = sorted(p["task_id"] for p in run_job(["--dry-run", "--now", EIGHT], job_env(db)).plan)
+    expected = sorted(p["task_id"] for p in run_at(EIGHT, job_env(db), "--dry-run").plan)
     procs = [
-        start_job(["--now", EIGHT], job_env(db, tasks_server, CLOUD_RUN_TASK_INDEX=str(i), CLOUD_RUN_TASK_COUNT="2"))
+        start_job(
+            ["--now", EIGHT],
+            job_env(db, tasks_server, CLOUD_RUN_TASK_INDEX=str(i), CLOUD_RUN_TASK_COUNT="2"),
+        )
         for i in range(2)
     ]
     results = [finish_job(p) for p in procs]
@@ -254,7 +259,7 @@ def test_a_late_call_that_never_ran_is_created_once_under_its_base_id(
     db: Database, tasks_server: FakeCloudTasks
 ) -> None:
     db.insert([{"id": 1, "call_weekdays": "daily", "call_time": "09:00"}])
-    late = run_job(["--now", "2026-11-30T09:10:00+09:00"], job_env(db, tasks_server))
+    late = run_at("2026-11-30T09:10:00+09:00", job_env(db, tasks_server))
     assert late.code == 0, late.stderr
     assert late.summary["tasks_created"] == 1
     assert queue(tasks_server) == [base(1, at(9))]  # no probes, no stand-ins
@@ -272,15 +277,17 @@ def test_a_late_run_does_not_repeat_a_call_that_ran_under_an_alternative_id(
     original name's hour passes, and a late run still has 9:00 in its grace window."""
     db.insert([{"id": 1, "call_weekdays": "daily", "call_time": "09:00"}])
     env = job_env(db, tasks_server)
-    assert run_job(["--now", EIGHT], env).code == 0
+    assert run_at(EIGHT, env).code == 0
     db.execute("UPDATE users SET call_time = '09:30' WHERE id = 1")
-    assert run_job(["--now", "2026-11-30T08:10:00+09:00"], env).code == 0  # deletes 9:00
+    assert run_at("2026-11-30T08:10:00+09:00", env).code == 0  # deletes 9:00
     db.execute("UPDATE users SET call_time = '09:00' WHERE id = 1")
-    assert run_job(["--now", "2026-11-30T08:20:00+09:00"], env).code == 0  # 9:00 as -r1
+    assert run_at("2026-11-30T08:20:00+09:00", env).code == 0  # 9:00 as -r1
     fired = tasks_server.run_due(at(9).timestamp())
-    assert [n.rsplit("/", 1)[1] for n in fired] == [main.task_id(1, at(9).astimezone(dt.UTC), retry=1)]
+    assert [n.rsplit("/", 1)[1] for n in fired] == [
+        main.task_id(1, at(9).astimezone(dt.UTC), alternative=1)
+    ]
     del tasks_server.tombstones[f"{QUEUE_PATH}/tasks/{base(1, at(9))}"]  # its hour is over
-    late = run_job(["--now", "2026-11-30T09:10:00+09:00"], env)
+    late = run_at("2026-11-30T09:10:00+09:00", env)
     assert late.code == 0, late.stderr
     assert (late.summary["tasks_created"], late.summary["tasks_existing"]) == (0, 1)
     assert tasks_server.tasks == {}  # no second 9:00 call
@@ -291,7 +298,7 @@ def test_a_late_create_whose_answer_was_lost_is_one_task(
 ) -> None:
     db.insert([{"id": 1, "call_weekdays": "daily", "call_time": "09:00"}])
     tasks_server.faults.timeout_after_store = 1  # stored, then the answer is lost
-    late = run_job(["--now", "2026-11-30T09:10:00+09:00"], job_env(db, tasks_server))
+    late = run_at("2026-11-30T09:10:00+09:00", job_env(db, tasks_server))
     assert late.code == 0, late.stderr
     assert late.summary["tasks_existing"] == 1  # the retry met its own task
     assert tasks_server.created_names() == [f"{QUEUE_PATH}/tasks/{base(1, at(9))}"]

@@ -117,7 +117,8 @@ def test_japanese_spellings_holidays_and_dashes(
 
 
 @pytest.mark.parametrize(
-    "text", ["祝日除く", "祝・祝日除く", "月〜祝", "毎週", "祝x", "土日祝日除く", "日祝日除く", "除く"]
+    "text",
+    ["祝日除く", "祝・祝日除く", "月〜祝", "毎週", "祝x", "土日祝日除く", "日祝日除く", "除く"],
 )
 def test_holiday_spellings_that_make_no_sense_are_invalid(text: str) -> None:
     with pytest.raises(InvalidRow, match="call_weekdays"):
@@ -153,7 +154,9 @@ def _called_dates(setting: main.CallSetting, start: dt.date, days: int) -> list[
     jst = main.zoneinfo.ZoneInfo("Asia/Tokyo")
     window = main.Window(
         dt.datetime.combine(start, dt.time(0), tzinfo=jst).astimezone(UTC),
-        dt.datetime.combine(start + dt.timedelta(days=days), dt.time(0), tzinfo=jst).astimezone(UTC),
+        dt.datetime.combine(start + dt.timedelta(days=days), dt.time(0), tzinfo=jst).astimezone(
+            UTC
+        ),
     )
     return [t.astimezone(jst).date() for t in main.occurrences(setting, window)]
 
@@ -163,7 +166,10 @@ def test_holidays_added_and_left_out_on_known_dates() -> None:
     assert _called_dates(_setting("土日祝"), golden_week, 7) == [
         dt.date(2026, 5, d) for d in (2, 3, 4, 5, 6)
     ]
-    assert _called_dates(_setting("平日(祝日除く)"), golden_week, 7) == [dt.date(2026, 5, 1), dt.date(2026, 5, 7)]
+    assert _called_dates(_setting("平日(祝日除く)"), golden_week, 7) == [
+        dt.date(2026, 5, 1),
+        dt.date(2026, 5, 7),
+    ]
     assert _called_dates(_setting("平日"), golden_week, 7) == [
         dt.date(2026, 5, d) for d in (1, 4, 5, 6, 7)
     ]  # 平日 keeps holidays
@@ -483,7 +489,7 @@ def test_task_id_shape() -> None:
     assert main.task_id(43, instant) != task_id
     assert main.task_id(42, instant + dt.timedelta(seconds=1)) != task_id
     assert main.task_id(-7, instant).split("-anpi-")[1].startswith("-7-")
-    assert main.TASK_ID_RE.fullmatch(main.task_id(42, instant, retry=2))
+    assert main.TASK_ID_RE.fullmatch(main.task_id(42, instant, alternative=2))
 
 
 # -- properties against a brute-force enumeration --------------------------------------

@@ -14,7 +14,7 @@ import subprocess
 import pytest
 
 import main
-from tests.conftest import PROJECT, Database, finish_job, job_env, run_job, start_job
+from tests.conftest import PROJECT, Database, finish_job, job_env, run_at, start_job
 from tests.fake_cloud_tasks import FakeCloudTasks
 
 JST = dt.timezone(dt.timedelta(hours=9))
@@ -47,8 +47,7 @@ def start_shards(
     db: Database, server: FakeCloudTasks, count: int, now: dt.datetime
 ) -> list[subprocess.Popen[str]]:
     return [
-        start_job(["--now", now.isoformat()], shard_env(db, server, i, count))
-        for i in range(count)
+        start_job(["--now", now.isoformat()], shard_env(db, server, i, count)) for i in range(count)
     ]
 
 
@@ -61,20 +60,17 @@ def test_each_shard_creates_lists_and_reconciles_only_its_own_queue(
     db: Database, tasks_server: FakeCloudTasks
 ) -> None:
     db.insert(
-        [
-            {"id": i, "call_weekdays": "daily", "call_time": f"09:{i % 60:02d}"}
-            for i in range(1, 61)
-        ]
+        [{"id": i, "call_weekdays": "daily", "call_time": f"09:{i % 60:02d}"} for i in range(1, 61)]
     )
     now = at(8).isoformat()
 
     def plan() -> list[str]:
-        return sorted(p["task_id"] for p in run_job(["--dry-run", "--now", now], job_env(db)).plan)
+        return sorted(p["task_id"] for p in run_at(now, job_env(db), "--dry-run").plan)
 
     def run_each_shard() -> None:
         for i in range(4):
             before = len(tasks_server.rpcs)
-            result = run_job(["--now", now], shard_env(db, tasks_server, i, 4))
+            result = run_at(now, shard_env(db, tasks_server, i, 4))
             assert result.code == 0, result.stderr
             touched = {queue_of(r.name) for r in tasks_server.rpcs[before:]}
             assert touched == {f"anpi-call-queue-{i}"}

@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 import main
-from tests.conftest import Database, finish_job, job_env, run_job, start_job
+from tests.conftest import Database, finish_job, job_env, run_at, run_job, start_job
 from tests.fake_cloud_tasks import FakeCloudTasks
 
 NOW = "2026-11-30T09:00:00+09:00"
@@ -40,12 +40,16 @@ def test_concurrent_enqueue_gives_the_serial_result_even_with_faults(db: Databas
     spread_users(db, 150)
     results = {}
     for concurrency in ("1", "16"):
+        db.execute("DELETE FROM scheduled_calls")  # both start from the same record
         server = FakeCloudTasks(seed=7).start()
         server.faults.fail_fraction = 0.2
         server.faults.timeout_after_store = 5
-        server.faults.permanent = {10: grpc.StatusCode.PERMISSION_DENIED, 77: grpc.StatusCode.INVALID_ARGUMENT}
+        server.faults.permanent = {
+            10: grpc.StatusCode.PERMISSION_DENIED,
+            77: grpc.StatusCode.INVALID_ARGUMENT,
+        }
         try:
-            result = run_job(["--now", NOW], job_env(db, server, ENQUEUE_CONCURRENCY=concurrency))
+            result = run_at(NOW, job_env(db, server, ENQUEUE_CONCURRENCY=concurrency))
             assert result.code == 1  # the two permanent failures
             results[concurrency] = (result.summary, server.task_ids(), server.created_names())
         finally:
@@ -71,7 +75,7 @@ def test_four_shards_at_once_make_the_unsharded_plan_without_overlap(
     db: Database, tasks_server: FakeCloudTasks
 ) -> None:
     spread_users(db, 200)
-    whole = run_job(["--dry-run", "--now", NOW], job_env(db))
+    whole = run_at(NOW, job_env(db), "--dry-run")
     expected = sorted(p["task_id"] for p in whole.plan)
     assert len(expected) > 100
     procs = [
@@ -88,6 +92,7 @@ def test_four_shards_at_once_make_the_unsharded_plan_without_overlap(
     # Calls already due (08:45-09:00) carry the late id (-r4); each call is there once.
     on_queue = [main.parse_task_id(t) for t in tasks_server.task_ids()]
     assert sorted(main.task_id(*n.key) for n in on_queue if n is not None) == expected
+
     def user_of(task_id: str) -> int:
         return int(main.TASK_ID_RE.fullmatch(task_id)[2])  # type: ignore[index]
 
@@ -98,9 +103,7 @@ def test_four_shards_at_once_make_the_unsharded_plan_without_overlap(
 
 
 def test_rate_cap_holds(db: Database, tasks_server: FakeCloudTasks) -> None:
-    db.insert(
-        [{"id": i, "call_weekdays": "daily", "call_time": "09:30"} for i in range(1, 201)]
-    )
+    db.insert([{"id": i, "call_weekdays": "daily", "call_time": "09:30"} for i in range(1, 201)])
     started = time.monotonic()
     result = run_job(["--now", NOW], job_env(db, tasks_server, ENQUEUE_MAX_PER_SECOND="50"))
     elapsed = time.monotonic() - started
@@ -136,11 +139,16 @@ def test_every_zone_query_is_an_index_range_scan(db: Database, zone: str | None)
             for i in range(3000)
         ]
     )  # fmt: skip
-    cfg = main.Config.from_env(job_env(db, CLOUD_RUN_TASK_COUNT="4", CLOUD_RUN_TASK_INDEX="1"), dry_run=True)
+    cfg = main.Config.from_env(
+        job_env(db, CLOUD_RUN_TASK_COUNT="4", CLOUD_RUN_TASK_INDEX="1"), dry_run=True
+    )
     window = main.Window.around(main.parse_now(NOW, cfg.default_timezone), cfg.grace, cfg.lookahead)
     with db.connect() as conn, conn.cursor() as cur:
         cur.execute("ANALYZE TABLE users")
-        cur.execute("EXPLAIN " + main.zone_query(zone, cfg, window)[0], main.zone_query(zone, cfg, window)[1])
+        cur.execute(
+            "EXPLAIN " + main.zone_query(zone, cfg, window)[0],
+            main.zone_query(zone, cfg, window)[1],
+        )
         columns = [d[0] for d in cur.description]
         [plan] = [dict(zip(columns, r, strict=True)) for r in cur.fetchall()]
     assert plan["key"] == "idx_users_due"
