@@ -1163,6 +1163,11 @@ def connect(config: Config, *, streaming: bool) -> Any:
         kwargs["unix_socket"] = config.db_socket
     else:
         kwargs["host"], kwargs["port"] = config.db_host, config.db_port
+    # TLS is for links that leave the machine: not Cloud SQL's unix socket (its connector
+    # encrypts the way to the instance) nor loopback. Elsewhere PyMySQL uses TLS when the
+    # server offers it. (Setting it up costs some 20 ms a connection.)
+    host = config.db_host or ""
+    kwargs["ssl_disabled"] = bool(config.db_socket) or host == "localhost" or _is_loopback(host)
 
     def transient(exc: BaseException) -> bool:
         return isinstance(exc, pymysql.err.OperationalError) and exc.args[:1] in {
@@ -2682,17 +2687,19 @@ class RunSummary:
     def purged(self, rows: int) -> None:
         self.records_purged += rows
 
-    def missed(self, call: Call) -> None:
-        """Name a call no complete run covered: ERROR, one line, so that alerting counts it."""
+    def missed(self, call: Call, recorded: int | None) -> None:
+        """Name a call no complete run covered: ERROR, one line, so that alerting counts
+        it. `recorded`: the id recorded for it whose create was never confirmed (it may
+        have been placed after all; its task id is in the line)."""
         self.calls_missed += 1
-        log.error(
-            "call missed: no complete run covered it",
-            extra={
-                "user_id": call.user_id,
-                "scheduled_at": call.scheduled_at,
-                "phone": mask_phone(call.phone_number),
-            },
-        )
+        extra = {
+            "user_id": call.user_id,
+            "scheduled_at": call.scheduled_at,
+            "phone": mask_phone(call.phone_number),
+        }
+        if recorded is not None:
+            extra["unconfirmed_task_id"] = call.task_id(recorded)
+        log.error("call missed: no complete run covered it", extra=extra)
 
     def fail(self, message: str) -> None:
         """Record a run-level failure (the first one wins); log each distinct one once."""
@@ -2950,9 +2957,9 @@ def run(
                 else:
                     summary.retired(placement.retire(stale))
             audited = None
-            if not dry_run and summary.error is None:
+            if not dry_run and writer.failed is None:
                 audited = audit(history, writer, snapshot, config, clock, now, summary)
-        if not dry_run:
+        if not dry_run and writer.failed is None:
             finish(config, record, history, kind, now, window, audited, summary, stop)
         log.info(
             "time in the job's tables: %.1fs",
@@ -3047,8 +3054,8 @@ def audit(
         own = [p.window for p in past if p.shard == config.shard]
         for gap in uncovered(stretch, own):
             for hour in _slices(gap, dt.timedelta(hours=1)):
-                for call in _unplaced(history, writer, snapshot, config, clock, hour, past):
-                    summary.missed(call)
+                for call, recorded in _unplaced(writer, snapshot, config, clock, hour, past):
+                    summary.missed(call, recorded)
     except DatabaseError as exc:
         log.warning("could not audit for missed calls: %s", exc)
         return None
@@ -3063,16 +3070,17 @@ def _slices(window: Window, size: dt.timedelta) -> Iterator[Window]:
 
 
 def _unplaced(
-    history: RunHistory,
     writer: Writer,
     snapshot: Snapshot,
     config: Config,
     clock: Clock,
     window: Window,
     past: Sequence[PastRun],
-) -> list[Call]:
+) -> list[tuple[Call, int | None]]:
     """The calls of `window` the table wants that no complete run covered and no run
-    placed, leaving out those whose row had another call that local date."""
+    surely placed (no id with a confirmed create), leaving out those whose row had
+    another call that local date. With each, the id recorded for it, if any (its
+    create may have landed unconfirmed)."""
     record = CallRecord(writer, config, clock)
     record.load(window)
     candidates = []
@@ -3082,18 +3090,19 @@ def _unplaced(
         except InvalidRow:
             continue  # reported by the runs whose window it falls in
         for call in plan_calls(setting, window) if setting else []:
-            covered = any(p.shard.holds(call.user_id) and call.instant in p.window for p in past)
-            placed = any(r.state is not DELETED for r in record.ids(call.key).values())
-            if not (covered or placed):
-                candidates.append(call)
+            if any(p.shard.holds(call.user_id) and call.instant in p.window for p in past):
+                continue
+            ids = {a: r for a, r in record.ids(call.key).items() if r.state is not DELETED}
+            if not any(r.created for r in ids.values()):
+                candidates.append((call, max(ids, default=None)))
     if not candidates:
         return []
     others = record.instants_of(
-        {c.user_id for c in candidates}, window.start - DAY_REACH, window.end + DAY_REACH
+        {c.user_id for c, _ in candidates}, window.start - DAY_REACH, window.end + DAY_REACH
     )
     return [
-        c
-        for c in candidates
+        (c, recorded)
+        for c, recorded in candidates
         if not any(
             t != c.instant and c.local_date(t) == c.local_date() for t in others.get(c.user_id, ())
         )
@@ -3119,11 +3128,10 @@ def finish(
             history.purge(now - dt.timedelta(days=RUN_HISTORY_DAYS))
         except DatabaseError as exc:
             log.warning("could not purge old rows of the job's tables: %s", exc)
-    if summary.error is None or audited is not None:
-        try:
-            history.add(kind, now, window, summary.exit_code == 0, audited)
-        except DatabaseError as exc:
-            summary.fail(f"could not note the run in job_runs: {exc}")
+    try:
+        history.add(kind, now, window, summary.exit_code == 0, audited)
+    except DatabaseError as exc:
+        summary.fail(f"could not note the run in job_runs: {exc}")
 
 
 # -- check: the connection, the schema, the grants and every row, before go-live ----------

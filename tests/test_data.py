@@ -8,8 +8,6 @@ import collections.abc
 import datetime as dt
 import hashlib
 import json
-import subprocess
-import sys
 
 import pymysql
 import pytest
@@ -22,7 +20,7 @@ from tests.conftest import (
     drop_database,
     job_env,
     run_at,
-    run_job,
+    run_main,
 )
 from tests.fake_cloud_tasks import FakeCloudTasks
 
@@ -218,7 +216,7 @@ def test_the_migrations_bring_an_old_database_to_schema_sql(
 
 
 def check(db: Database, **extra: str) -> tuple[int, list[dict[str, object]], str]:
-    result = run_job(["--check"], job_env(db, **extra))
+    result = run_main(["--check"], job_env(db, **extra))
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     return result.code, lines, result.stderr
 
@@ -310,7 +308,7 @@ def test_check_names_a_missing_column_grant_or_index(db: Database) -> None:
 
 def test_check_with_the_database_down_exits_1() -> None:
     env = job_env(None, DB_HOST="127.0.0.1", DB_PORT="1", DB_RETRY_SECONDS="0")
-    result = run_job(["--check"], env)
+    result = run_main(["--check"], env)
     assert result.code == 1
     assert "cannot connect" in json.loads(result.stdout.splitlines()[-1])["error"]
 
@@ -324,11 +322,7 @@ def test_check_covers_only_its_shard(db: Database) -> None:
     assert totals == [3, 4, 3]
 
 
-def test_check_is_in_the_help() -> None:
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "main.py"), "--help"],
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout
-    assert "--check" in out
+def test_check_and_changes_are_in_the_help(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_main(["--help"], {}).code == 0
+    out = capsys.readouterr().out
+    assert "--check" in out and "--changes" in out

@@ -29,6 +29,7 @@ from tests.conftest import (
     job_env,
     run_at,
     run_job,
+    run_together,
     start_job,
 )
 from tests.fake_cloud_tasks import FakeCloudTasks
@@ -177,7 +178,7 @@ def test_a_dry_run_without_credentials_still_prints_the_plan(db: Database) -> No
     daily_users(db, 5, at="09:30:00")
     with tempfile.TemporaryDirectory() as home:
         env = job_env(db, GOOGLE_CLOUD_PROJECT="p", HOME=home, CLOUDSDK_CONFIG=home)
-        result = run_job(["--dry-run", "--now", NOW], env)
+        result = run_at(NOW, env, "--dry-run")
     assert result.code == 0, result.stderr
     assert result.summary["calls_planned"] == 5 and result.summary["error"] is None
     assert len([ln for ln in result.stdout.splitlines() if '"task_id"' in ln]) == 5
@@ -225,8 +226,7 @@ def test_two_concurrent_runs_leave_each_call_once(
     daily_users(db, 120)
     tasks_server.faults.latency = 0.01
     env = job_env(db, tasks_server, ENQUEUE_CONCURRENCY="4")
-    procs = [start_job(["--now", NOW], env) for _ in range(2)]
-    results = [finish_job(p) for p in procs]
+    results = run_together((["--now", NOW], env), (["--now", NOW], env))
     assert [r.code for r in results] == [0, 0]
     assert sum(r.summary["tasks_created"] for r in results) == 120
     assert sum(r.summary["tasks_existing"] for r in results) == 120
@@ -252,7 +252,7 @@ def test_database_down_at_start_is_retried_until_it_answers(db: Database) -> Non
 def test_database_unreachable_fails_in_bounded_time() -> None:
     started = time.monotonic()
     env = job_env(None, DB_HOST="127.0.0.1", DB_PORT="1", DB_RETRY_SECONDS="3")
-    result = run_job(["--dry-run", "--now", NOW], env)
+    result = run_at(NOW, env, "--dry-run")
     assert time.monotonic() - started < 15
     assert result.code == 1
     # The stated bound: DB_RETRY_SECONDS plus one DB_CONNECT_TIMEOUT (10 s) attempt.
@@ -262,7 +262,7 @@ def test_database_unreachable_fails_in_bounded_time() -> None:
 def test_wrong_password_is_not_retried(db: Database) -> None:
     started = time.monotonic()
     env = job_env(db, DB_USER="anpi_nobody", DB_PASSWORD="wrong", DB_RETRY_SECONDS="30")
-    result = run_job(["--dry-run", "--now", NOW], env)
+    result = run_at(NOW, env, "--dry-run")
     assert time.monotonic() - started < 10  # a permanent error: no 30 s of retries
     assert result.code == 1
     assert "Access denied" in result.summary["error"]
@@ -310,7 +310,7 @@ def test_connection_killed_mid_read_exits_1_and_a_rerun_completes(
     # What was planned before the loss is on the queue; the rest is not.
     assert 0 < first.summary["tasks_created"] < 400
     assert "Exception ignored" not in first.stderr
-    second = run_job(["--now", NOW], job_env(db, tasks_server))
+    second = run_at(NOW, job_env(db, tasks_server))
     assert second.code == 0, second.stderr
     assert second.summary["tasks_existing"] == first.summary["tasks_created"]
     assert_each_call_once(tasks_server, 400)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import Database, job_env, run_at, run_job
+from tests.conftest import Database, job_env, run_at, run_main
 
 NOW = "2026-11-30T08:00:00+09:00"  # a Monday
 
@@ -108,6 +108,6 @@ def test_no_calls_no_peak(db: Database) -> None:
     ],
 )
 def test_bad_values_exit_2_naming_the_variable(db: Database, name: str, value: str) -> None:
-    result = run_job(["--check"], job_env(db, **{name: value}))
+    result = run_main(["--check"], job_env(db, **{name: value}))
     assert result.code == 2
     assert f"{name}=" in result.stderr

@@ -12,7 +12,7 @@ import json
 import grpc
 
 import main
-from tests.conftest import QUEUE_PATH, Database, finish_job, job_env, run_at, start_job
+from tests.conftest import QUEUE_PATH, Database, job_env, run_at, run_together
 from tests.fake_cloud_tasks import FakeCloudTasks
 
 JST = dt.timezone(dt.timedelta(hours=9))
@@ -241,14 +241,15 @@ def test_two_shards_reconciling_at_once_leave_the_union_correct(
     db.execute("UPDATE users SET call_time = ADDTIME(call_time, '00:00:30') WHERE id % 3 = 0")
     db.execute("UPDATE users SET is_active = 0 WHERE id % 5 = 0")
     expected = sorted(p["task_id"] for p in run_at(EIGHT, job_env(db), "--dry-run").plan)
-    procs = [
-        start_job(
-            ["--now", EIGHT],
-            job_env(db, tasks_server, CLOUD_RUN_TASK_INDEX=str(i), CLOUD_RUN_TASK_COUNT="2"),
+    results = run_together(
+        *(
+            (
+                ["--now", EIGHT],
+                job_env(db, tasks_server, CLOUD_RUN_TASK_INDEX=str(i), CLOUD_RUN_TASK_COUNT="2"),
+            )
+            for i in range(2)
         )
-        for i in range(2)
-    ]
-    results = [finish_job(p) for p in procs]
+    )
     assert [r.code for r in results] == [0, 0], [r.stderr for r in results]
     assert queue(tasks_server) == expected
     stale = {i for i in range(1, 81) if i % 3 == 0 or i % 5 == 0}

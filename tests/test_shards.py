@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import collections
 import datetime as dt
-import subprocess
 
 import pytest
 
 import main
-from tests.conftest import PROJECT, Database, finish_job, job_env, run_at, start_job
+from tests.conftest import PROJECT, Database, job_env, run_at, run_together
 from tests.fake_cloud_tasks import FakeCloudTasks
 
 JST = dt.timezone(dt.timedelta(hours=9))
@@ -43,16 +42,16 @@ def shard_env(db: Database, server: FakeCloudTasks, index: int, count: int) -> d
     )
 
 
-def start_shards(
-    db: Database, server: FakeCloudTasks, count: int, now: dt.datetime
-) -> list[subprocess.Popen[str]]:
-    return [
-        start_job(["--now", now.isoformat()], shard_env(db, server, i, count)) for i in range(count)
-    ]
+Job = tuple[list[str], dict[str, str]]
 
 
-def finish(procs: list[subprocess.Popen[str]]) -> None:
-    results = [finish_job(p) for p in procs]
+def start_shards(db: Database, server: FakeCloudTasks, count: int, now: dt.datetime) -> list[Job]:
+    """One execution of `count` shards (run by `finish`, with any other started beside it)."""
+    return [(["--now", now.isoformat()], shard_env(db, server, i, count)) for i in range(count)]
+
+
+def finish(jobs: list[Job]) -> None:
+    results = run_together(*jobs)
     assert [r.code for r in results] == [0] * len(results), [r.stderr for r in results]
 
 
