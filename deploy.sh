@@ -944,7 +944,8 @@ main() {
       (($#)) && shift
       deploy "$@"
       ;;
-    *) deploy "$@" ;;
+    -*) deploy "$@" ;;
+    *) fail "unknown command: ${command} (commands: deploy, status, logs, execute, pause, resume, rollback; ./deploy.sh --help)" ;;
   esac
 }
 

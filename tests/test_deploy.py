@@ -506,6 +506,16 @@ def test_help_and_unknown_flags(deploy: Deploy) -> None:
     assert deploy.calls() == []
 
 
+def test_an_unknown_command_is_named_as_one(deploy: Deploy) -> None:
+    result = deploy.run("frobnicate")
+    assert result.returncode == 1
+    [line] = result.stderr.splitlines()
+    assert "unknown command: frobnicate" in line and "unknown flag" not in line
+    for command in ("deploy", "status", "logs", "execute", "pause", "resume", "rollback"):
+        assert command in line.split("commands:")[1]
+    assert deploy.calls() == []
+
+
 # -- alerts -------------------------------------------------------------------------------
 
 
