@@ -834,15 +834,22 @@ deploy() {
 
 # --- day 2 ------------------------------------------------------------------------
 
-# Prints a heading, then runs a read-only command; a failure is reported, not fatal,
-# so that one missing resource does not hide the rest of the screen.
+# Prints a heading, then runs a read-only command; a failure is reported and counted,
+# not fatal, so that one missing resource does not hide the rest of the screen.
+SECTIONS=0
+SECTIONS_FAILED=0
 section() {
   local title="$1"
   shift
   printf '\n== %s\n' "${title}"
-  "$@" || log "could not read ${title} (see the error above)"
+  SECTIONS=$((SECTIONS + 1))
+  if ! "$@"; then
+    log "could not read ${title} (see the error above)"
+    SECTIONS_FAILED=$((SECTIONS_FAILED + 1))
+  fi
 }
 
+# Exits 1 when any section could not be read: the screen is incomplete.
 status() {
   local queue
   section "job ${JOB_NAME}: image and settings" call gcloud run jobs describe "${JOB_NAME}" \
@@ -863,6 +870,8 @@ status() {
   section "alert policies" call gcloud alpha monitoring policies list \
     --filter="displayName:\"${JOB_NAME}: \"" "${PROJECT_FLAGS[@]}" \
     --format='table(displayName,enabled,notificationChannels.len():label=CHANNELS)'
+  ((SECTIONS_FAILED == 0)) ||
+    fail "status: ${SECTIONS_FAILED} of ${SECTIONS} section(s) could not be read (see the errors above)"
 }
 
 logs() {

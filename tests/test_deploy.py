@@ -671,6 +671,20 @@ def test_day_two_commands(deploy: Deploy) -> None:
     assert deploy.run("rollback").returncode == 1
 
 
+def test_status_exits_1_when_a_section_could_not_be_read(deploy: Deploy) -> None:
+    """Every section is still printed; the exit code says the screen is incomplete."""
+    nothing = deploy.run("status")  # nothing deployed: no job, scheduler or queue
+    assert nothing.returncode == 1
+    sections = nothing.stdout.count("\n== ")
+    assert nothing.stderr.count("] could not read ") == 4  # job, scheduler, queue, its tasks
+    assert f"status: 4 of {sections} section(s) could not be read" in nothing.stderr.splitlines()[-1]
+    assert deploy.run("--skip-test").returncode == 0
+    deploy.set_state(faults={"deny": ["alpha monitoring policies list"]})
+    denied = deploy.run("status")
+    assert denied.returncode == 1 and "could not read alert policies" in denied.stderr
+    assert "== alert policies" in denied.stdout
+
+
 def test_day_two_commands_need_only_the_project(deploy: Deploy) -> None:
     unset = {k: "<unset>" for k in SETTINGS if k != "GOOGLE_CLOUD_PROJECT"}
     assert deploy.run("pause", **unset).returncode == 1  # no scheduler job yet: gcloud's error
