@@ -77,9 +77,11 @@ Day 2 (each prints the gcloud commands it runs):
 
   -h, --help             this help
 
-Settings (environment or deploy.env): GOOGLE_CLOUD_PROJECT, CLOUD_SQL_INSTANCE,
-DB_USER, DB_NAME, DB_PASSWORD_SECRET and ANPI_CALL_URL are required to deploy; the
-day-2 commands need only GOOGLE_CLOUD_PROJECT. See deploy.env.example for all.
+Settings (environment or deploy.env): CLOUD_SQL_INSTANCE, DB_USER, DB_NAME,
+DB_PASSWORD_SECRET and ANPI_CALL_URL are required to deploy; the day-2 commands need
+none. Every command needs gcloud logged in (gcloud auth login) and a project:
+GOOGLE_CLOUD_PROJECT, else gcloud's own (gcloud config set project). See
+deploy.env.example for all.
 EOF
 }
 
@@ -316,9 +318,19 @@ load_settings() {
   QUEUE_MAX_RETRY_DURATION="${QUEUE_MAX_RETRY_DURATION:-600s}"
 }
 
-# $1 = deploy: every setting a deploy needs; day2: what the day-2 commands need.
+# Loads, checks and completes the settings, then asks gcloud for its login and project:
+# $1 = deploy, every setting a deploy needs; day2, what the day-2 commands need.
+prepare() {
+  load_settings
+  validate_settings "$1"
+  check_gcloud
+  derive_settings
+}
+
+# The settings' own checks, before any gcloud command. The project is checked with
+# gcloud's login (check_gcloud), since gcloud's own project may stand in for it.
 validate_settings() {
-  local required=(GOOGLE_CLOUD_PROJECT) missing=() problems=() name email
+  local required=() missing=() problems=() name email
   if [[ "$1" == deploy ]]; then
     required+=(CLOUD_SQL_INSTANCE DB_USER DB_NAME DB_PASSWORD_SECRET ANPI_CALL_URL)
   fi
@@ -355,7 +367,28 @@ validate_settings() {
     [[ "${!name:-}" != *[[:cntrl:]]* ]] || problems+=("${name} holds a control character")
   done
   ((${#problems[@]} == 0)) || fail "invalid settings: $(printf '%s; ' "${problems[@]}")"
+}
 
+# gcloud must be logged in, and the project known, before anything else runs: otherwise
+# the first describe fails with the login hint buried in its error. The project is
+# GOOGLE_CLOUD_PROJECT or, when that is unset, gcloud's own (gcloud config set project).
+check_gcloud() {
+  local account project
+  account="$(query gcloud auth list --filter=status:ACTIVE --format='value(account)')" ||
+    fail "cannot ask gcloud for its account (see the error above)"
+  [[ -n "${account}" ]] || fail "gcloud has no active account: run gcloud auth login"
+  if [[ -z "${GOOGLE_CLOUD_PROJECT:-}" ]]; then
+    project="$(query gcloud config get project)" || fail "cannot ask gcloud for its project (see the error above)"
+    [[ -n "${project}" && "${project}" != *[[:cntrl:][:space:]]* ]] ||
+      fail "no project: set GOOGLE_CLOUD_PROJECT (deploy.env or the environment) or run gcloud config set project PROJECT_ID"
+    GOOGLE_CLOUD_PROJECT="${project}"
+    log "project ${project} (gcloud config; GOOGLE_CLOUD_PROJECT is not set)"
+  fi
+  log "gcloud account ${account}, project ${GOOGLE_CLOUD_PROJECT}"
+}
+
+# Names and lists that follow from the settings.
+derive_settings() {
   RUNTIME_SA="${RUNTIME_SA_NAME}@${GOOGLE_CLOUD_PROJECT}.iam.gserviceaccount.com"
   SCHEDULER_SA="${SCHEDULER_SA_NAME}@${GOOGLE_CLOUD_PROJECT}.iam.gserviceaccount.com"
   IMAGE_REPO="${REGION}-docker.pkg.dev/${GOOGLE_CLOUD_PROJECT}/${ARTIFACT_REPOSITORY}/anpi-call-scheduler"
@@ -808,8 +841,7 @@ parse_deploy_flags() {
 
 deploy() {
   parse_deploy_flags "$@"
-  load_settings
-  validate_settings deploy
+  prepare deploy
   ((DRY_RUN)) && log "dry run: printing commands that change something, running none"
   if ((DO_INFRA)); then
     enable_apis
@@ -851,6 +883,8 @@ section() {
 
 # Exits 1 when any section could not be read: the screen is incomplete.
 status() {
+  (($# == 0)) || fail "status: takes no arguments"
+  prepare day2
   local queue
   section "job ${JOB_NAME}: image and settings" call gcloud run jobs describe "${JOB_NAME}" \
     --region="${REGION}" "${PROJECT_FLAGS[@]}" \
@@ -890,6 +924,7 @@ logs() {
   severity="${severity^^}"
   [[ " ${SEVERITIES[*]} " == *" ${severity} "* ]] ||
     fail "logs --severity ${severity}: want one of ${SEVERITIES[*]}"
+  prepare day2
   local entries
   entries="$(call gcloud logging read \
     "resource.type=\"cloud_run_job\" AND resource.labels.job_name=\"${JOB_NAME}\" AND severity>=${severity}" \
@@ -909,18 +944,21 @@ execute() {
     esac
     shift
   done
+  prepare day2
   call gcloud run jobs execute "${JOB_NAME}" --region="${REGION}" "${flags[@]}" "${PROJECT_FLAGS[@]}"
 }
 
 scheduler() {
   (($# == 1)) || fail "$1: takes no arguments"
+  prepare day2
   call gcloud scheduler jobs "$1" "${SCHEDULER_JOB_NAME}" --location="${REGION}" "${PROJECT_FLAGS[@]}"
 }
 
 rollback() {
   local tag="${1:-}"
   [[ $# == 1 && "${tag}" =~ ^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$ ]] ||
-    fail "usage: ./deploy.sh rollback TAG (the tags: gcloud artifacts docker tags list ${IMAGE_REPO} --project=${GOOGLE_CLOUD_PROJECT})"
+    fail "usage: ./deploy.sh rollback TAG (an image tag, such as the commit of an earlier deploy)"
+  prepare day2
   local current
   current="$(call gcloud run jobs describe "${JOB_NAME}" --region="${REGION}" "${PROJECT_FLAGS[@]}" \
     --format='value(spec.template.spec.template.spec.containers[0].image)')" ||
@@ -942,8 +980,6 @@ main() {
     status | logs | execute | pause | resume | rollback)
       shift
       [[ "${1:-}" == -h || "${1:-}" == --help ]] && usage && exit 0
-      load_settings
-      validate_settings day2
       case "${command}" in
         pause | resume) scheduler "${command}" "$@" ;;
         *) "${command}" "$@" ;;

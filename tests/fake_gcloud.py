@@ -10,7 +10,9 @@ Every call is appended to $FAKE_GCLOUD_LOG as one JSON line ({"argv": [...], "rc
 plus "file": the contents of a file passed to `run jobs replace` or `--policy-from-file`).
 Resource state lives in $FAKE_GCLOUD_STATE (JSON): describe fails with NOT_FOUND until
 the resource is created, create of an existing one fails with ALREADY_EXISTS, as gcloud
-does. Faults, set by a test in the state's "faults": "deny" (command prefixes answered
+does. gcloud's own login and project: `auth list` answers the account "deployer@example.com"
+unless the state's "logged_out" is true (then nothing, as real gcloud does); `config get
+project` answers the state's "config_project" (unset by default: "(unset)" on stderr). Faults, set by a test in the state's "faults": "deny" (command prefixes answered
 PERMISSION_DENIED), "disabled" (command prefixes answered SERVICE_DISABLED, an API not
 enabled yet), "iam_not_yet" (that many IAM bindings fail with "does not exist" first),
 "metric_not_ready" (that many policy writes fail with "Cannot find metric(s)" first),
@@ -30,7 +32,7 @@ from typing import Any
 CLI_TREE_SOURCE = Path("/usr/lib/google-cloud-sdk/data/cli/gcloud_completions.py")
 # The groups deploy.sh may use; a command outside them is unknown to this fake.
 GROUPS = ("services", "iam", "projects", "secrets", "tasks", "artifacts", "builds", "run",
-          "scheduler", "logging", "monitoring")  # fmt: skip
+          "scheduler", "logging", "monitoring", "auth", "config")  # fmt: skip
 TRACK_GROUPS = {"alpha": ("monitoring",), "beta": ("monitoring",)}
 
 
@@ -153,6 +155,13 @@ def main(argv: list[str]) -> int:
         member = flag(argv, "member")
         return done(1, err=f"ERROR: (gcloud) INVALID_ARGUMENT: Service account {member} does not exist.")
 
+    if words[:2] == ["auth", "list"]:
+        if state.get("logged_out"):
+            return done(0, err="No credentialed accounts.\n\nTo login, run:\n  $ gcloud auth login `ACCOUNT`")
+        return done(0, out="deployer@example.com")
+    if words[:3] == ["config", "get", "project"]:
+        project = state.get("config_project", "")
+        return done(0, out=project) if project else done(0, err="(unset)")
     if words[:2] == ["services", "enable"]:
         state.setdefault("apis", []).extend(words[2:])
         return done(0)

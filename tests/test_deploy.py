@@ -36,7 +36,7 @@ SETTINGS = {
     "ANPI_CALL_URL": "https://webhook.example.com/call",
     "IAM_WAIT_SECONDS": "0",  # no real IAM to wait for
 }
-READ_ONLY = {"describe", "list", "versions", "get-default-service-account", "read"}
+READ_ONLY = {"describe", "list", "versions", "get-default-service-account", "read", "get"}
 RUNTIME_SA = "serviceAccount:anpi-call-job@anpi-prod.iam.gserviceaccount.com"
 SCHEDULER_SA = "anpi-call-scheduler@anpi-prod.iam.gserviceaccount.com"
 BUILD_SA = "serviceAccount:123-compute@developer.gserviceaccount.com"
@@ -156,11 +156,41 @@ def test_the_tree_check_refuses_what_real_gcloud_refuses(cli_tree: Path, deploy:
 
 
 def test_missing_settings_fail_fast_naming_each(deploy: Deploy) -> None:
-    result = deploy.run(GOOGLE_CLOUD_PROJECT="<unset>", ANPI_CALL_URL="<unset>", DB_PASSWORD_SECRET="")
+    result = deploy.run(CLOUD_SQL_INSTANCE="<unset>", ANPI_CALL_URL="<unset>", DB_PASSWORD_SECRET="")
     assert result.returncode != 0
-    for name in ("GOOGLE_CLOUD_PROJECT", "ANPI_CALL_URL", "DB_PASSWORD_SECRET"):
+    for name in ("CLOUD_SQL_INSTANCE", "ANPI_CALL_URL", "DB_PASSWORD_SECRET"):
         assert name in result.stderr
     assert deploy.calls() == []
+
+
+@pytest.mark.parametrize("command", [["--dry-run"], ["status"]])
+def test_without_a_gcloud_login_one_line_says_to_log_in(deploy: Deploy, command: list[str]) -> None:
+    """Checked before anything else, --dry-run and the day-2 commands included, instead
+    of failing later on a describe with gcloud's login hint buried in its error."""
+    deploy.set_state(logged_out=True)
+    result = deploy.run(*command)
+    assert result.returncode == 1
+    [error] = [line for line in result.stderr.splitlines() if not line.startswith("+ gcloud ")]
+    assert error == "[deploy] error: gcloud has no active account: run gcloud auth login"
+    assert [c["argv"][:2] for c in deploy.calls()] == [["auth", "list"]]
+
+
+def test_the_project_is_google_cloud_project_or_gcloud_s_own(deploy: Deploy) -> None:
+    none = deploy.run("--dry-run", GOOGLE_CLOUD_PROJECT="<unset>")
+    assert none.returncode == 1
+    [error] = [line for line in none.stderr.splitlines() if not line.startswith("+ gcloud ")]
+    assert error == ("[deploy] error: no project: set GOOGLE_CLOUD_PROJECT (deploy.env or the"
+                     " environment) or run gcloud config set project PROJECT_ID")  # fmt: skip
+    assert [c["argv"][:2] for c in deploy.calls()] == [["auth", "list"], ["config", "get"]]
+    deploy.set_state(config_project="anpi-prod")
+    configured = deploy.run("--skip-test", GOOGLE_CLOUD_PROJECT="<unset>")
+    assert configured.returncode == 0, configured.stderr
+    assert "project anpi-prod (gcloud config; GOOGLE_CLOUD_PROJECT is not set)" in configured.stderr
+    assert container_env(deploy.rendered_job())["GOOGLE_CLOUD_PROJECT"] == "anpi-prod"
+    assert all("--project=anpi-prod" in argv for argv in deploy.mutating() if argv[0] != "projects")
+    # GOOGLE_CLOUD_PROJECT wins, and gcloud is not asked.
+    deploy.run("status", GOOGLE_CLOUD_PROJECT="other")
+    assert not deploy.find("config") and deploy.find("--project=other")
 
 
 def test_malformed_settings_fail_fast(deploy: Deploy) -> None:
@@ -689,8 +719,9 @@ def test_day_two_commands_need_only_the_project(deploy: Deploy) -> None:
     unset = {k: "<unset>" for k in SETTINGS if k != "GOOGLE_CLOUD_PROJECT"}
     assert deploy.run("pause", **unset).returncode == 1  # no scheduler job yet: gcloud's error
     assert deploy.find("scheduler", "jobs", "pause")
-    assert deploy.run("pause", GOOGLE_CLOUD_PROJECT="<unset>").returncode == 1
-    assert deploy.calls() == []
+    no_project = deploy.run("pause", GOOGLE_CLOUD_PROJECT="<unset>")
+    assert no_project.returncode == 1 and "no project: set GOOGLE_CLOUD_PROJECT" in no_project.stderr
+    assert deploy.mutating() == []
 
 
 # -- one queue per shard (TASK_COUNT > 1) ------------------------------------------------
