@@ -58,7 +58,8 @@ Deploy (no command): sets up or updates everything, in order:
   5. image repository, build account     then with --dry-run
 
   --infrastructure-only  steps 1-5 and 8 (no image, job, scheduler or smoke test)
-  --deploy-only          steps 1, 6, 7 and 9 (image, job, scheduler, smoke test)
+  --deploy-only          steps 1, 6, 7 and 9 (image, job, scheduler, smoke test); stops
+                         first, changing nothing, if a queue the job needs is missing
   --skip-test            leave out step 9
   --dry-run              print every gcloud command; run only read-only ones
 
@@ -502,6 +503,18 @@ queue_depth() {
   printf '%s\n' "${count}"
 }
 
+# --deploy-only creates no queue: every queue the job's TASK_COUNT and QUEUE_PER_SHARD
+# will use must exist already, or its shards' calls would fail. Read-only.
+require_queues() {
+  local queue missing=()
+  for queue in "${QUEUES[@]}"; do
+    exists gcloud tasks queues describe "${queue}" --location="${REGION}" "${PROJECT_FLAGS[@]}" ||
+      missing+=("${queue}")
+  done
+  ((${#missing[@]} == 0)) ||
+    fail "--deploy-only: TASK_COUNT=${TASK_COUNT} QUEUE_PER_SHARD=${QUEUE_PER_SHARD} needs queues that do not exist: ${missing[*]}; create them first with ./deploy.sh --infrastructure-only (or run the full ./deploy.sh)"
+}
+
 setup_repository() {
   if exists gcloud artifacts repositories describe "${ARTIFACT_REPOSITORY}" \
     --location="${REGION}" "${PROJECT_FLAGS[@]}"; then
@@ -848,6 +861,8 @@ deploy() {
     setup_service_accounts
     setup_queues
     setup_repository
+  elif ((DO_DEPLOY)); then
+    require_queues
   fi
   if ((DO_DEPLOY)); then
     deploy_job

@@ -299,7 +299,7 @@ def test_values_survive_into_job_yaml_exactly(deploy: Deploy) -> None:
         "DEFAULT_TIMEZONE": "Asia/Tokyo # not a comment",
         "CLOUD_TASKS_QUEUE": "null",
     }
-    deploy.set_state(secrets=["no"])
+    deploy.set_state(secrets=["no"], resources={"queue/null": {}})
     result = deploy.run("--skip-test", "--deploy-only", **values)
     assert result.returncode == 0, result.stderr
     env = container_env(deploy.rendered_job())
@@ -347,10 +347,30 @@ def test_deploy_only(deploy: Deploy) -> None:
     assert deploy.run("--infrastructure-only").returncode == 0
     result = deploy.run("--deploy-only")
     assert result.returncode == 0, result.stderr
-    assert not deploy.find("services") and not deploy.find("tasks", "queues") and not deploy.find("monitoring")
+    assert not deploy.find("services") and not deploy.find("monitoring")
+    assert [q[:4] for q in deploy.find("tasks", "queues")] == [["tasks", "queues", "describe", "anpi-call-queue"]]
     assert deploy.find("builds", "submit") and deploy.find("run", "jobs", "replace")
     assert deploy.find("scheduler", "jobs", "create", "http")
     assert deploy.find("run", "jobs", "execute")
+
+
+def test_deploy_only_stops_when_a_queue_the_shards_need_is_missing(deploy: Deploy) -> None:
+    """TASK_COUNT=4 on one queue so far: before building or deploying anything, it names
+    the missing queues and the command that creates them; only describes ran."""
+    assert deploy.run("--infrastructure-only").returncode == 0
+    for flags in (["--deploy-only"], ["--deploy-only", "--dry-run"]):
+        result = deploy.run(*flags, TASK_COUNT="4")
+        assert result.returncode == 1
+        assert result.stderr.splitlines()[-1] == (
+            "[deploy] error: --deploy-only: TASK_COUNT=4 QUEUE_PER_SHARD=1 needs queues that do not exist:"
+            " anpi-call-queue-0 anpi-call-queue-1 anpi-call-queue-2 anpi-call-queue-3; create them first"
+            " with ./deploy.sh --infrastructure-only (or run the full ./deploy.sh)"
+        )
+        assert deploy.mutating() == [] and not deploy.find("builds")
+    # One of the four exists: the other three are named.
+    deploy.set_state(resources={**deploy.read_state()["resources"], "queue/anpi-call-queue-0": {}})
+    assert "exist: anpi-call-queue-1 anpi-call-queue-2 anpi-call-queue-3;" in deploy.run(
+        "--deploy-only", TASK_COUNT="4").stderr  # fmt: skip
 
 
 def test_a_describe_that_is_denied_stops_the_script(deploy: Deploy) -> None:
@@ -408,6 +428,8 @@ def test_oidc_account_gets_service_account_user(deploy: Deploy) -> None:
 
 
 def test_image_tag_names_the_commit_and_an_uncommitted_tree(deploy: Deploy) -> None:
+    deploy.set_state(resources={"queue/anpi-call-queue": {}})
+
     def tag() -> str:
         assert deploy.run("--skip-test", "--deploy-only").returncode == 0
         [build] = deploy.find("builds", "submit")
