@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Deploys anpi-call-scheduler to Google Cloud in one idempotent command, and runs it day
 # to day: `./deploy.sh` sets up or updates everything (APIs, service accounts with least
-# privilege, the Cloud Tasks queues, the image, the Cloud Run Job, its hourly trigger,
-# the alerts, then a smoke test); `./deploy.sh status|logs|execute|pause|resume|rollback`
-# are the day-2 commands. Every gcloud command is printed (`+ gcloud ...`) before it runs.
+# privilege, the Cloud Tasks queues, the image, two Cloud Run Jobs (the hourly run and
+# the quick run, `main.py --changes`) and their triggers, the alerts, then a smoke
+# test); `./deploy.sh status|logs|execute|pause|resume|rollback` are the day-2 commands. Every gcloud command is printed (`+ gcloud ...`) before it runs.
 #
 # Settings come from the environment or from deploy.env beside this script (see
 # deploy.env.example), read by the rules python-dotenv uses. Run ./deploy.sh --help.
@@ -31,6 +31,10 @@ readonly QUEUE_ROLES=(roles/cloudtasks.enqueuer roles/cloudtasks.viewer roles/cl
 # Cloud Tasks asks for ramp-up above this many creates/s on one queue.
 readonly QUEUE_CREATE_CAP=500
 readonly SEVERITIES=(DEFAULT DEBUG INFO NOTICE WARNING ERROR CRITICAL ALERT EMERGENCY)
+# The two jobs rendered from job.yaml: the hourly run retries a failed task; a quick run
+# does not (the next minute's run is its retry) and is given less time.
+readonly HOURLY_MAX_RETRIES=2 HOURLY_TIMEOUT_SECONDS=1800
+readonly CHANGES_MAX_RETRIES=0 CHANGES_TIMEOUT_SECONDS=300
 
 # Temporary files and directories, removed when the script exits, however it exits.
 TEMP_PATHS=()
@@ -48,14 +52,15 @@ usage() {
   cat <<'EOF'
 Usage: ./deploy.sh [--infrastructure-only | --deploy-only] [--skip-test] [--dry-run]
        ./deploy.sh status | logs [--since 2h] [--severity WARNING]
-       ./deploy.sh execute [--dry-run] [--wait] | pause | resume | rollback TAG
+       ./deploy.sh execute [--dry-run | --changes] [--wait] | pause | resume | rollback TAG
 
 Deploy (no command): sets up or updates everything, in order:
-  1. validate settings                6. build the image, deploy the Cloud Run Job
-  2. enable the APIs                  7. the hourly Cloud Scheduler trigger
-  3. service accounts and IAM         8. alerts: log metrics, email channels, policies
-  4. the Cloud Tasks queue(s)         9. smoke test: execute the job with --check,
-  5. image repository, build account     then with --dry-run
+  1. validate settings, gcloud login  6. build the image, deploy both Cloud Run Jobs
+  2. enable the APIs                  7. the Cloud Scheduler triggers: hourly runs
+  3. service accounts and IAM            (SCHEDULE), quick runs (CHANGES_SCHEDULE)
+  4. the Cloud Tasks queue(s)         8. alerts: log metrics, email channels, policies
+  5. image repository, build account  9. smoke test: execute the job with --check,
+                                         then with --dry-run, then one quick run
 
   --infrastructure-only  steps 1-5 and 8 (no image, job, scheduler or smoke test)
   --deploy-only          steps 1, 6, 7 and 9 (image, job, scheduler, smoke test); stops
@@ -63,18 +68,23 @@ Deploy (no command): sets up or updates everything, in order:
   --skip-test            leave out step 9
   --dry-run              print every gcloud command; run only read-only ones
 
+Two Cloud Run Jobs run one image: JOB_NAME, the hourly run, and CHANGES_JOB_NAME, the
+quick run (main.py --changes) every minute; CHANGES_SCHEDULE= (empty) pauses it.
+
 Day 2 (each prints the gcloud commands it runs):
-  status                 the job's image and settings, its last 5 executions, the
-                         scheduler's state and next run, each queue's depth and rate,
-                         the alert policies
+  status                 both jobs' image and settings and last 5 executions, both
+                         triggers' state and next run, each queue's depth and rate,
+                         the alert policies; exit 1 if any of it could not be read
   logs [--since 2h] [--severity LEVEL]
-                         the job's log entries of the last 2h (or --since: 30m, 1d...)
+                         both jobs' log entries of the last 2h (or --since: 30m, 1d...)
                          at LEVEL or above (default: all)
-  execute [--dry-run] [--wait]
+  execute [--dry-run | --changes] [--wait]
                          start an execution now (--dry-run: the job plans and creates
-                         nothing); --wait: until it ends, exit 1 if it failed
-  pause | resume         stop or restart the hourly trigger
-  rollback TAG           point the job at an earlier image tag of the repository
+                         nothing; --changes: a quick run, of the quick-run job);
+                         --wait: until it ends, exit 1 if it failed
+  pause | resume         stop or restart both triggers (the quick runs' only while
+                         CHANGES_SCHEDULE is set)
+  rollback TAG           point both jobs at an earlier image tag of the repository
 
   -h, --help             this help
 
@@ -137,15 +147,17 @@ query() {
   return 1
 }
 
-# Whether the resource a describe command names exists: 0 yes, 1 NOT_FOUND. Any other
-# failure (a permission, an API still enabling, the network) stops the script with
-# gcloud's own error, instead of leading to a create that fails with ALREADY_EXISTS.
+# Whether the resource a describe command names exists: 0 yes (its output is then in
+# DESCRIBED), 1 NOT_FOUND. Any other failure (a permission, an API still enabling, the
+# network) stops the script with gcloud's own error, instead of leading to a create that
+# fails with ALREADY_EXISTS.
 exists() {
   local err
   show "$@"
-  if err="$("$@" 2>&1 >/dev/null)"; then
+  if DESCRIBED="$("$@" 2>"${QUERY_ERRORS}")"; then
     return 0
   fi
+  err="$(<"${QUERY_ERRORS}")"
   if [[ "${err}" != *PERMISSION_DENIED* && "${err}" =~ NOT_FOUND|Cannot\ find ]]; then
     return 1
   fi
@@ -295,6 +307,10 @@ load_settings() {
   JOB_NAME="${JOB_NAME:-anpi-call-create-task-job}"
   SCHEDULER_JOB_NAME="${SCHEDULER_JOB_NAME:-anpi-call-scheduler-job}"
   SCHEDULE="${SCHEDULE:-0 * * * *}"
+  # The quick run (main.py --changes): its own job and trigger. Set but empty: off.
+  CHANGES_JOB_NAME="${CHANGES_JOB_NAME:-anpi-call-changes-job}"
+  CHANGES_SCHEDULER_JOB_NAME="${CHANGES_SCHEDULER_JOB_NAME:-anpi-call-changes-scheduler-job}"
+  CHANGES_SCHEDULE="${CHANGES_SCHEDULE-* * * * *}"
   SCHEDULER_TIME_ZONE="${SCHEDULER_TIME_ZONE:-Asia/Tokyo}"
   DEFAULT_TIMEZONE="${DEFAULT_TIMEZONE:-Asia/Tokyo}"
   TASK_COUNT="${TASK_COUNT:-1}"
@@ -346,6 +362,13 @@ validate_settings() {
   fi
   [[ "${TASK_COUNT}" =~ ^[1-9][0-9]*$ ]] || problems+=("TASK_COUNT must be a positive integer")
   [[ "${QUEUE_PER_SHARD}" =~ ^[01]$ ]] || problems+=("QUEUE_PER_SHARD must be 0 or 1")
+  [[ "${CHANGES_JOB_NAME}" != "${JOB_NAME}" ]] || problems+=("CHANGES_JOB_NAME must differ from JOB_NAME")
+  [[ "${CHANGES_SCHEDULER_JOB_NAME}" != "${SCHEDULER_JOB_NAME}" ]] ||
+    problems+=("CHANGES_SCHEDULER_JOB_NAME must differ from SCHEDULER_JOB_NAME")
+  local -a fields=()
+  read -r -a fields <<<"${CHANGES_SCHEDULE}"
+  ((${#fields[@]} == 0 || ${#fields[@]} == 5)) ||
+    problems+=("CHANGES_SCHEDULE must be a cron schedule of 5 fields, or empty (no quick runs)")
   for name in IAM_RETRY_SECONDS IAM_WAIT_SECONDS; do
     [[ "${!name}" =~ ^[0-9]+$ ]] || problems+=("${name} must be a whole number of seconds")
   done
@@ -362,7 +385,7 @@ validate_settings() {
       problems+=("ALERT_EMAIL: '${email}' is not an email address")
   done
   # Every value that reaches job.yaml is quoted there; a control character cannot be.
-  for name in JOB_NAME REGION CLOUD_SQL_INSTANCE DB_USER DB_NAME DB_PASSWORD_SECRET \
+  for name in JOB_NAME CHANGES_JOB_NAME REGION CLOUD_SQL_INSTANCE DB_USER DB_NAME DB_PASSWORD_SECRET \
     DB_PASSWORD_SECRET_VERSION GOOGLE_CLOUD_PROJECT CLOUD_TASKS_QUEUE ANPI_CALL_URL \
     TASKS_OIDC_SERVICE_ACCOUNT DEFAULT_TIMEZONE QUEUE_MAX_DISPATCHES_PER_SECOND; do
     [[ "${!name:-}" != *[[:cntrl:]]* ]] || problems+=("${name} holds a control character")
@@ -394,6 +417,8 @@ derive_settings() {
   SCHEDULER_SA="${SCHEDULER_SA_NAME}@${GOOGLE_CLOUD_PROJECT}.iam.gserviceaccount.com"
   IMAGE_REPO="${REGION}-docker.pkg.dev/${GOOGLE_CLOUD_PROJECT}/${ARTIFACT_REPOSITORY}/anpi-call-scheduler"
   PROJECT_FLAGS=(--project="${GOOGLE_CLOUD_PROJECT}")
+  # The log entries of both jobs: the hourly run's and the quick run's.
+  JOBS_FILTER="resource.type=\"cloud_run_job\" AND (resource.labels.job_name=\"${JOB_NAME}\" OR resource.labels.job_name=\"${CHANGES_JOB_NAME}\")"
   QUEUES=()
   local i
   if ((QUEUE_PER_SHARD)); then
@@ -746,11 +771,18 @@ yaml_string() {
   printf '"%s"' "${value}"
 }
 
+# job.yaml for one of the two jobs: $1 image, $2 secret version, $3 job name, $4 its args
+# (words), then its retries and timeout; written to the file $7.
 render_job_yaml() {
-  local image="$1" version="$2" out="$3" text key value
+  local image="$1" version="$2" name="$3" args="$4" retries="$5" timeout="$6" out="$7"
+  local text key value word list="" words=()
   text="$(<"${SCRIPT_DIR}/job.yaml")"
+  read -r -a words <<<"${args}"
+  for word in "${words[@]}"; do
+    list+="${list:+, }$(yaml_string "${word}")"
+  done
   local -A values=(
-    [JOB_NAME]="${JOB_NAME}" [REGION]="${REGION}" [CLOUD_SQL_INSTANCE]="${CLOUD_SQL_INSTANCE}"
+    [JOB_NAME]="${name}" [REGION]="${REGION}" [CLOUD_SQL_INSTANCE]="${CLOUD_SQL_INSTANCE}"
     [RUNTIME_SERVICE_ACCOUNT]="${RUNTIME_SA}" [IMAGE]="${image}"
     [DB_USER]="${DB_USER}" [DB_NAME]="${DB_NAME}" [DB_PASSWORD_SECRET]="${DB_PASSWORD_SECRET}"
     [DB_PASSWORD_SECRET_VERSION]="${version}" [GOOGLE_CLOUD_PROJECT]="${GOOGLE_CLOUD_PROJECT}"
@@ -764,45 +796,85 @@ render_job_yaml() {
     value="$(yaml_string "${values[${key}]}")"
     text="${text//"__${key}__"/"${value}"}"
   done
-  text="${text//"__TASK_COUNT__"/"${TASK_COUNT}"}" # an integer, validated
+  text="${text//"__TASK_COUNT__"/"${TASK_COUNT}"}" # integers, validated or constant
+  text="${text//"__MAX_RETRIES__"/"${retries}"}"
+  text="${text//"__TIMEOUT_SECONDS__"/"${timeout}"}"
+  text="${text//"__ARGS__"/"[${list}]"}"
   if [[ "${text}" =~ __[A-Z_]+__ ]]; then
     fail "job.yaml has a placeholder deploy.sh does not fill: ${BASH_REMATCH[0]}"
   fi
   printf '%s\n' "${text}" >"${out}"
 }
 
-deploy_job() {
-  local image version rendered
+# One image, two jobs: the hourly run and the quick run. Both are deployed even while
+# CHANGES_SCHEDULE is empty, so that `execute --changes` and a later resume never run
+# an image older than the hourly job's.
+deploy_jobs() {
+  local image version
   image="${IMAGE_REPO}:$(image_tag)"
   log "building ${image} with Cloud Build"
   run gcloud builds submit "${SCRIPT_DIR}" --tag="${image}" --region="${REGION}" "${PROJECT_FLAGS[@]}"
   version="$(secret_version)"
+  deploy_job "${image}" "${version}" "${JOB_NAME}" "" "${HOURLY_MAX_RETRIES}" "${HOURLY_TIMEOUT_SECONDS}"
+  deploy_job "${image}" "${version}" "${CHANGES_JOB_NAME}" --changes "${CHANGES_MAX_RETRIES}" \
+    "${CHANGES_TIMEOUT_SECONDS}"
+}
+
+# Renders and replaces one job (the arguments of render_job_yaml but the file), and
+# lets the scheduler's account run it: roles/run.invoker, on this job only.
+deploy_job() {
+  local name="$3" rendered
   rendered="$(mktemp "${TMPDIR:-/tmp}/anpi-job.XXXXXX.yaml")"
   TEMP_PATHS+=("${rendered}")
-  render_job_yaml "${image}" "${version}" "${rendered}"
-  log "deploying Cloud Run Job ${JOB_NAME} (DB password secret version ${version})"
+  render_job_yaml "$@" "${rendered}"
+  log "deploying Cloud Run Job ${name} (DB password secret version $2)"
   run gcloud run jobs replace "${rendered}" --region="${REGION}" "${PROJECT_FLAGS[@]}"
-  bind gcloud run jobs add-iam-policy-binding "${JOB_NAME}" --region="${REGION}" \
+  bind gcloud run jobs add-iam-policy-binding "${name}" --region="${REGION}" \
     --member="serviceAccount:${SCHEDULER_SA}" --role=roles/run.invoker "${PROJECT_FLAGS[@]}"
 }
 
+setup_schedulers() {
+  setup_scheduler "${SCHEDULER_JOB_NAME}" "${JOB_NAME}" "${SCHEDULE}"
+  if [[ -n "${CHANGES_SCHEDULE}" ]]; then
+    setup_scheduler "${CHANGES_SCHEDULER_JOB_NAME}" "${CHANGES_JOB_NAME}" "${CHANGES_SCHEDULE}"
+    return
+  fi
+  # Quick runs off: an existing trigger is paused, which is reversible, never deleted.
+  local off="quick runs are off (CHANGES_SCHEDULE is empty)"
+  if ! exists gcloud scheduler jobs describe "${CHANGES_SCHEDULER_JOB_NAME}" --location="${REGION}" \
+    --format='value(state)' "${PROJECT_FLAGS[@]}"; then
+    log "${off}: no trigger ${CHANGES_SCHEDULER_JOB_NAME} is created"
+  elif [[ "${DESCRIBED}" == PAUSED ]]; then
+    log "${off}: trigger ${CHANGES_SCHEDULER_JOB_NAME} stays paused"
+  else
+    log "${off}: pausing trigger ${CHANGES_SCHEDULER_JOB_NAME} (kept; to restart it, set" \
+      "CHANGES_SCHEDULE, deploy, then ./deploy.sh resume)"
+    run gcloud scheduler jobs pause "${CHANGES_SCHEDULER_JOB_NAME}" --location="${REGION}" \
+      "${PROJECT_FLAGS[@]}"
+  fi
+}
+
+# Creates or updates trigger $1, which starts Cloud Run Job $2 on cron schedule $3. A
+# paused trigger stays paused (a deploy does not undo ./deploy.sh pause); it is named.
 setup_scheduler() {
-  log "Cloud Scheduler ${SCHEDULER_JOB_NAME}: '${SCHEDULE}' ${SCHEDULER_TIME_ZONE}"
-  # OAuth, not OIDC: the target is a googleapis.com API.
+  local name="$1" job="$2" schedule="$3"
+  log "Cloud Scheduler ${name}: '${schedule}' ${SCHEDULER_TIME_ZONE}, runs ${job}"
+  # OAuth, not OIDC: the target is a googleapis.com API. No body: the job's own args.
   local settings=(
     --location="${REGION}"
-    --schedule="${SCHEDULE}"
+    --schedule="${schedule}"
     --time-zone="${SCHEDULER_TIME_ZONE}"
-    --uri="https://${REGION}-run.googleapis.com/apis/run.googleapis.com/v1/namespaces/${GOOGLE_CLOUD_PROJECT}/jobs/${JOB_NAME}:run"
+    --uri="https://${REGION}-run.googleapis.com/apis/run.googleapis.com/v1/namespaces/${GOOGLE_CLOUD_PROJECT}/jobs/${job}:run"
     --http-method=POST
     --oauth-service-account-email="${SCHEDULER_SA}"
     "${PROJECT_FLAGS[@]}"
   )
-  if exists gcloud scheduler jobs describe "${SCHEDULER_JOB_NAME}" --location="${REGION}" \
-    "${PROJECT_FLAGS[@]}"; then
-    run gcloud scheduler jobs update http "${SCHEDULER_JOB_NAME}" "${settings[@]}"
+  if exists gcloud scheduler jobs describe "${name}" --location="${REGION}" \
+    --format='value(state)' "${PROJECT_FLAGS[@]}"; then
+    run gcloud scheduler jobs update http "${name}" "${settings[@]}"
+    [[ "${DESCRIBED}" != PAUSED ]] || log "scheduler ${name} is paused; ./deploy.sh resume restarts it"
   else
-    run gcloud scheduler jobs create http "${SCHEDULER_JOB_NAME}" "${settings[@]}"
+    run gcloud scheduler jobs create http "${name}" "${settings[@]}"
   fi
 }
 
@@ -814,18 +886,32 @@ smoke_test() {
     log "waiting ${IAM_WAIT_SECONDS}s for the new IAM grants to take effect (IAM_WAIT_SECONDS)"
     sleep "${IAM_WAIT_SECONDS}"
   fi
-  local args attempt
-  for args in --check --dry-run; do
-    log "smoke test: one execution with ${args}"
-    for attempt in 1 2; do
-      if run gcloud run jobs execute "${JOB_NAME}" --region="${REGION}" --args="${args}" --wait \
-        "${PROJECT_FLAGS[@]}"; then
-        break
-      fi
-      ((attempt == 1)) || fail "smoke test failed (${args}): see ./deploy.sh status and ./deploy.sh logs --severity WARNING"
-      log "smoke test (${args}) failed; IAM may still be propagating: retrying once in ${IAM_WAIT_SECONDS}s"
-      sleep "${IAM_WAIT_SECONDS}"
-    done
+  local run_as
+  for run_as in --check --dry-run; do
+    smoke_run "${run_as}" gcloud run jobs execute "${JOB_NAME}" --region="${REGION}" \
+      --args="${run_as}" --wait "${PROJECT_FLAGS[@]}"
+  done
+  # The quick-run job as its trigger starts it: its own args (--changes), no override.
+  if [[ -n "${CHANGES_SCHEDULE}" ]]; then
+    smoke_run --changes gcloud run jobs execute "${CHANGES_JOB_NAME}" --region="${REGION}" --wait \
+      "${PROJECT_FLAGS[@]}"
+  else
+    log "smoke test: no quick run (CHANGES_SCHEDULE is empty)"
+  fi
+}
+
+# One execution of the smoke test, named $1, retried once after IAM_WAIT_SECONDS.
+smoke_run() {
+  local what="$1" attempt
+  shift
+  log "smoke test: one execution with ${what}"
+  for attempt in 1 2; do
+    if run "$@"; then
+      return 0
+    fi
+    ((attempt == 1)) || fail "smoke test failed (${what}): see ./deploy.sh status and ./deploy.sh logs --severity WARNING"
+    log "smoke test (${what}) failed; IAM may still be propagating: retrying once in ${IAM_WAIT_SECONDS}s"
+    sleep "${IAM_WAIT_SECONDS}"
   done
 }
 
@@ -865,8 +951,8 @@ deploy() {
     require_queues
   fi
   if ((DO_DEPLOY)); then
-    deploy_job
-    setup_scheduler
+    deploy_jobs
+    setup_schedulers
   fi
   # After the job and its trigger, so that calls are placed even while a new project's
   # log-based metrics are still unknown to the policies.
@@ -896,20 +982,44 @@ section() {
   fi
 }
 
+# Runs a describe, read-only; a resource that does not exist prints "(none)".
+describe_if_any() {
+  show "$@"
+  if "$@" 2>"${QUERY_ERRORS}"; then
+    return 0
+  fi
+  if grep -qE 'NOT_FOUND|Cannot find' "${QUERY_ERRORS}" && ! grep -q PERMISSION_DENIED "${QUERY_ERRORS}"; then
+    printf '(none)\n'
+    return 0
+  fi
+  cat "${QUERY_ERRORS}" >&2
+  return 1
+}
+
 # Exits 1 when any section could not be read: the screen is incomplete.
 status() {
   (($# == 0)) || fail "status: takes no arguments"
   prepare day2
-  local queue
-  section "job ${JOB_NAME}: image and settings" call gcloud run jobs describe "${JOB_NAME}" \
-    --region="${REGION}" "${PROJECT_FLAGS[@]}" \
-    --format='yaml(spec.template.spec.taskCount,spec.template.spec.template.spec.containers[0].image,spec.template.spec.template.spec.containers[0].env)'
-  section "last 5 executions" call gcloud run jobs executions list --job="${JOB_NAME}" \
-    --region="${REGION}" --limit=5 "${PROJECT_FLAGS[@]}" \
-    --format='table(metadata.name,metadata.creationTimestamp,status.completionTime,status.succeededCount,status.failedCount)'
-  section "scheduler ${SCHEDULER_JOB_NAME}: state and next run" call gcloud scheduler jobs \
-    describe "${SCHEDULER_JOB_NAME}" --location="${REGION}" "${PROJECT_FLAGS[@]}" \
-    --format='table(state,schedule,timeZone,scheduleTime:label=NEXT_RUN,lastAttemptTime,status.code)'
+  local queue job
+  for job in "${JOB_NAME}" "${CHANGES_JOB_NAME}"; do
+    section "job ${job}: image and settings" call gcloud run jobs describe "${job}" \
+      --region="${REGION}" "${PROJECT_FLAGS[@]}" \
+      --format='yaml(spec.template.spec.taskCount,spec.template.spec.template.spec.containers[0].image,spec.template.spec.template.spec.containers[0].args,spec.template.spec.template.spec.containers[0].env)'
+    section "job ${job}: last 5 executions" call gcloud run jobs executions list --job="${job}" \
+      --region="${REGION}" --limit=5 "${PROJECT_FLAGS[@]}" \
+      --format='table(metadata.name,metadata.creationTimestamp,status.completionTime,status.succeededCount,status.failedCount)'
+  done
+  local scheduler=(--location="${REGION}" "${PROJECT_FLAGS[@]}"
+    --format='table(state,schedule,timeZone,scheduleTime:label=NEXT_RUN,lastAttemptTime,status.code)')
+  section "scheduler ${SCHEDULER_JOB_NAME} (hourly runs): state and next run" call gcloud scheduler \
+    jobs describe "${SCHEDULER_JOB_NAME}" "${scheduler[@]}"
+  if [[ -n "${CHANGES_SCHEDULE}" ]]; then
+    section "scheduler ${CHANGES_SCHEDULER_JOB_NAME} (quick runs): state and next run" call gcloud \
+      scheduler jobs describe "${CHANGES_SCHEDULER_JOB_NAME}" "${scheduler[@]}"
+  else
+    section "scheduler ${CHANGES_SCHEDULER_JOB_NAME} (quick runs are off: CHANGES_SCHEDULE is empty)" \
+      describe_if_any gcloud scheduler jobs describe "${CHANGES_SCHEDULER_JOB_NAME}" "${scheduler[@]}"
+  fi
   for queue in "${QUEUES[@]}"; do
     section "queue ${queue}: rate" call gcloud tasks queues describe "${queue}" \
       --location="${REGION}" "${PROJECT_FLAGS[@]}" \
@@ -941,32 +1051,51 @@ logs() {
     fail "logs --severity ${severity}: want one of ${SEVERITIES[*]}"
   prepare day2
   local entries
-  entries="$(call gcloud logging read \
-    "resource.type=\"cloud_run_job\" AND resource.labels.job_name=\"${JOB_NAME}\" AND severity>=${severity}" \
+  entries="$(call gcloud logging read "${JOBS_FILTER} AND severity>=${severity}" \
     --freshness="${since}" --order=desc --limit=1000 "${PROJECT_FLAGS[@]}" \
-    --format='value(timestamp,severity,jsonPayload.message,textPayload,jsonPayload)')"
+    --format='value(timestamp,resource.labels.job_name,severity,jsonPayload.message,textPayload,jsonPayload)')"
   # The newest 1,000 entries, shown oldest first.
   [[ -z "${entries}" ]] || printf '%s\n' "${entries}" | awk '{ line[NR] = $0 } END { for (i = NR; i > 0; i--) print line[i] }'
 }
 
+# The hourly job (--dry-run: with that arg), or with --changes the quick-run job as its
+# trigger runs it.
 execute() {
-  local flags=()
+  local flags=() quick=0 dry=0
   while (($#)); do
     case "$1" in
-      --dry-run) flags+=(--args=--dry-run) ;;
+      --dry-run) dry=1 ;;
+      --changes) quick=1 ;;
       --wait) flags+=(--wait) ;;
-      *) fail "execute: unknown flag $1 (execute [--dry-run] [--wait])" ;;
+      *) fail "execute: unknown flag $1 (execute [--dry-run | --changes] [--wait])" ;;
     esac
     shift
   done
+  ((!(dry && quick))) || fail "execute: --changes and --dry-run exclude each other"
+  ((!dry)) || flags+=(--args=--dry-run)
   prepare day2
-  call gcloud run jobs execute "${JOB_NAME}" --region="${REGION}" "${flags[@]}" "${PROJECT_FLAGS[@]}"
+  local job="${JOB_NAME}"
+  ((!quick)) || job="${CHANGES_JOB_NAME}"
+  call gcloud run jobs execute "${job}" --region="${REGION}" "${flags[@]}" "${PROJECT_FLAGS[@]}"
 }
 
-scheduler() {
-  (($# == 1)) || fail "$1: takes no arguments"
+# pause | resume: both triggers, the quick runs' only while CHANGES_SCHEDULE is set. One
+# that fails does not keep the other from being paused; the exit code then says so.
+schedulers() {
+  local verb="$1" name failed=0
+  (($# == 1)) || fail "${verb}: takes no arguments"
   prepare day2
-  call gcloud scheduler jobs "$1" "${SCHEDULER_JOB_NAME}" --location="${REGION}" "${PROJECT_FLAGS[@]}"
+  local names=("${SCHEDULER_JOB_NAME}")
+  if [[ -n "${CHANGES_SCHEDULE}" ]]; then
+    names+=("${CHANGES_SCHEDULER_JOB_NAME}")
+  else
+    log "quick runs are off (CHANGES_SCHEDULE is empty): ${CHANGES_SCHEDULER_JOB_NAME} is left as it is"
+  fi
+  for name in "${names[@]}"; do
+    call gcloud scheduler jobs "${verb}" "${name}" --location="${REGION}" "${PROJECT_FLAGS[@]}" ||
+      failed=1
+  done
+  ((!failed)) || fail "${verb}: not every scheduler job could be ${verb%e}ed (see the errors above)"
 }
 
 rollback() {
@@ -974,16 +1103,21 @@ rollback() {
   [[ $# == 1 && "${tag}" =~ ^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$ ]] ||
     fail "usage: ./deploy.sh rollback TAG (an image tag, such as the commit of an earlier deploy)"
   prepare day2
-  local current
-  current="$(call gcloud run jobs describe "${JOB_NAME}" --region="${REGION}" "${PROJECT_FLAGS[@]}" \
-    --format='value(spec.template.spec.template.spec.containers[0].image)')" ||
-    fail "cannot read the job's image"
-  log "the job runs ${current}; to undo this rollback: ./deploy.sh rollback ${current##*:}"
+  local current job
+  # Both jobs are read before either is changed.
+  for job in "${JOB_NAME}" "${CHANGES_JOB_NAME}"; do
+    current="$(call gcloud run jobs describe "${job}" --region="${REGION}" "${PROJECT_FLAGS[@]}" \
+      --format='value(spec.template.spec.template.spec.containers[0].image)')" ||
+      fail "cannot read the image of job ${job}; nothing was changed"
+    log "job ${job} runs ${current}; to undo this rollback: ./deploy.sh rollback ${current##*:}"
+  done
   call gcloud artifacts docker images describe "${IMAGE_REPO}:${tag}" "${PROJECT_FLAGS[@]}" \
     --format='value(image_summary.fully_qualified_digest)' ||
     fail "no image ${IMAGE_REPO}:${tag} (the tags: gcloud artifacts docker tags list ${IMAGE_REPO} --project=${GOOGLE_CLOUD_PROJECT})"
-  call gcloud run jobs update "${JOB_NAME}" --image="${IMAGE_REPO}:${tag}" --region="${REGION}" \
-    "${PROJECT_FLAGS[@]}"
+  for job in "${JOB_NAME}" "${CHANGES_JOB_NAME}"; do
+    call gcloud run jobs update "${job}" --image="${IMAGE_REPO}:${tag}" --region="${REGION}" \
+      "${PROJECT_FLAGS[@]}" || fail "job ${job} could not be moved to ${tag}; run ./deploy.sh rollback ${tag} again"
+  done
 }
 
 main() {
@@ -996,7 +1130,7 @@ main() {
       shift
       [[ "${1:-}" == -h || "${1:-}" == --help ]] && usage && exit 0
       case "${command}" in
-        pause | resume) scheduler "${command}" "$@" ;;
+        pause | resume) schedulers "${command}" "$@" ;;
         *) "${command}" "$@" ;;
       esac
       ;;

@@ -229,6 +229,8 @@ def main(argv: list[str]) -> int:
     exists = key in resources or (kind == "secret" and name in state.get("secrets", []))
     not_found = f"ERROR: (gcloud.{'.'.join(prefix)}.{verb}) NOT_FOUND: {kind} {name} not found"
     if verb == "describe":
+        if exists and kind == "scheduler-job" and flag(argv, "format") == "value(state)":
+            return done(0, out="PAUSED" if resources[key].get("state") == "pause" else "ENABLED")
         if exists:
             image = re.search(r"- image: \"?([^\"\s]+)", resources[key].get("file", ""))
             return done(0, out=image[1] if image else f"name: {name}")

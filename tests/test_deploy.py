@@ -42,6 +42,7 @@ SCHEDULER_SA = "anpi-call-scheduler@anpi-prod.iam.gserviceaccount.com"
 BUILD_SA = "serviceAccount:123-compute@developer.gserviceaccount.com"
 QUEUE_ROLES = ("roles/cloudtasks.enqueuer", "roles/cloudtasks.viewer", "roles/cloudtasks.taskDeleter")
 JOB = "anpi-call-create-task-job"
+CHANGES_JOB = "anpi-call-changes-job"
 
 
 @pytest.fixture(scope="session")
@@ -112,11 +113,18 @@ class Deploy:
     def bindings(self) -> set[tuple[str, ...]]:
         return {tuple(b) for b in self.read_state().get("bindings", [])}
 
-    def rendered_job(self) -> dict[str, Any]:
-        [replace] = [c for c in self.calls() if c["argv"][:3] == ["run", "jobs", "replace"]]
-        assert "__" not in replace["file"]
-        job: dict[str, Any] = yaml.safe_load(replace["file"])
-        return job
+    def rendered_job(self, name: str = JOB) -> dict[str, Any]:
+        """The job.yaml deploy.sh rendered for job `name` in its last run."""
+        replaces = [c for c in self.calls() if c["argv"][:3] == ["run", "jobs", "replace"]]
+        jobs = [yaml.safe_load(c["file"]) for c in replaces]
+        assert all("__" not in c["file"] for c in replaces)
+        [job] = [j for j in jobs if j["metadata"]["name"] == name]
+        return dict(job)
+
+    def scheduler(self, name: str) -> list[str]:
+        """The one `scheduler jobs create|update http NAME` of the last run."""
+        [argv] = [a for a in self.find("scheduler", "jobs", "http") if a[4] == name]
+        return argv
 
 
 def container_env(job: dict[str, Any]) -> dict[str, Any]:
@@ -200,6 +208,15 @@ def test_malformed_settings_fail_fast(deploy: Deploy) -> None:
     for name in ("CLOUD_SQL_INSTANCE", "ANPI_CALL_URL", "'nobody' is not an email", "DB_NAME holds"):
         assert name in result.stderr
     assert deploy.calls() == []
+    # The quick-run job and trigger must not replace the hourly ones.
+    same = deploy.run(CHANGES_JOB_NAME=JOB, CHANGES_SCHEDULER_JOB_NAME="anpi-call-scheduler-job",
+                      CHANGES_SCHEDULE="* * *")  # fmt: skip
+    assert same.returncode == 1
+    for problem in ("CHANGES_JOB_NAME must differ from JOB_NAME",
+                    "CHANGES_SCHEDULER_JOB_NAME must differ from SCHEDULER_JOB_NAME",
+                    "CHANGES_SCHEDULE must be a cron schedule of 5 fields, or empty"):  # fmt: skip
+        assert problem in same.stderr
+    assert deploy.calls() == []
 
 
 def test_first_full_run(deploy: Deploy) -> None:
@@ -222,7 +239,11 @@ def test_first_full_run(deploy: Deploy) -> None:
     assert ("secret", "anpi-db-password", RUNTIME_SA, "roles/secretmanager.secretAccessor") in bindings
     for role in QUEUE_ROLES:
         assert ("queue", "anpi-call-queue", RUNTIME_SA, role) in bindings
-    assert ("run-job", JOB, f"serviceAccount:{SCHEDULER_SA}", "roles/run.invoker") in bindings
+    # The scheduler's account may run both jobs, and nothing more (no runWithOverrides).
+    assert {b for b in bindings if b[2] == f"serviceAccount:{SCHEDULER_SA}"} == {
+        ("run-job", JOB, f"serviceAccount:{SCHEDULER_SA}", "roles/run.invoker"),
+        ("run-job", CHANGES_JOB, f"serviceAccount:{SCHEDULER_SA}", "roles/run.invoker"),
+    }
     # Cloud Build's account: push to the repository only, logs and source on the project.
     assert ("repository", "anpi", BUILD_SA, "roles/artifactregistry.writer") in bindings
     # Least privilege: nothing else on the project, no invoker on the project.
@@ -232,21 +253,27 @@ def test_first_full_run(deploy: Deploy) -> None:
         ("project", "anpi-prod", BUILD_SA, "roles/storage.objectViewer"),
     }
 
-    [scheduler] = deploy.find("scheduler", "jobs", "create", "http")
-    assert "anpi-call-scheduler-job" in scheduler
-    assert "--schedule=0 * * * *" in scheduler
-    assert "--time-zone=Asia/Tokyo" in scheduler
-    assert (
-        "--uri=https://asia-northeast1-run.googleapis.com/apis/run.googleapis.com/v1/"
-        f"namespaces/anpi-prod/jobs/{JOB}:run"
-    ) in scheduler
-    assert f"--oauth-service-account-email={SCHEDULER_SA}" in scheduler
-    assert not [a for a in scheduler if a.startswith("--oidc")]
+    # Two triggers: the hourly run, and the quick run every minute, each of its own job.
+    assert len(deploy.find("scheduler", "jobs", "create", "http")) == 2
+    for name, schedule, job in (("anpi-call-scheduler-job", "0 * * * *", JOB),
+                                ("anpi-call-changes-scheduler-job", "* * * * *", CHANGES_JOB)):  # fmt: skip
+        scheduler = deploy.scheduler(name)
+        assert scheduler[2] == "create" and f"--schedule={schedule}" in scheduler
+        assert "--time-zone=Asia/Tokyo" in scheduler
+        assert (
+            "--uri=https://asia-northeast1-run.googleapis.com/apis/run.googleapis.com/v1/"
+            f"namespaces/anpi-prod/jobs/{job}:run"
+        ) in scheduler
+        assert f"--oauth-service-account-email={SCHEDULER_SA}" in scheduler
+        assert not [a for a in scheduler if a.startswith(("--oidc", "--message-body"))]  # no overrides
 
-    # The smoke test: --check (database, grants, every row), then --dry-run (the queue).
-    check, dry = deploy.find("run", "jobs", "execute")
-    assert "--args=--check" in check and "--wait" in check
-    assert "--args=--dry-run" in dry and "--wait" in dry
+    # The smoke test: --check (database, grants, every row), then --dry-run (the queue),
+    # then one quick run of the quick-run job as it is (its own args, no override).
+    check, dry, changes = deploy.find("run", "jobs", "execute")
+    assert check[3] == JOB and "--args=--check" in check and "--wait" in check
+    assert dry[3] == JOB and "--args=--dry-run" in dry and "--wait" in dry
+    assert changes[3] == CHANGES_JOB and "--wait" in changes
+    assert not [a for a in changes if a.startswith("--args")]
 
     # Order: APIs, accounts, queue, repository, image, job, scheduler, alerts, smoke test.
     order = [c["argv"] for c in deploy.calls() if not READ_ONLY & set(c["argv"])]
@@ -273,9 +300,10 @@ def test_rendered_job_yaml(deploy: Deploy) -> None:
     assert execution["spec"]["taskCount"] == 1 and execution["spec"]["parallelism"] == 1
     task = execution["spec"]["template"]["spec"]
     assert task["serviceAccountName"] == RUNTIME_SA.split(":")[1]
-    assert task["maxRetries"] >= 1
-    assert task["timeoutSeconds"] > 0
+    assert task["maxRetries"] == 2
+    assert task["timeoutSeconds"] == 1800
     [container] = task["containers"]
+    assert not container.get("args")
     assert container["image"].startswith("asia-northeast1-docker.pkg.dev/anpi-prod/anpi/anpi-call-scheduler:")
     env = container_env(job)
     assert env["INSTANCE_CONNECTION_NAME"] == "anpi-prod:asia-northeast1:anpi-db"
@@ -286,6 +314,21 @@ def test_rendered_job_yaml(deploy: Deploy) -> None:
     # Every variable job.yaml sets is one the job reads.
     source = (ROOT / "main.py").read_text()
     assert [name for name in env if f'"{name}"' not in source] == []
+
+    # The quick-run job: the same job but for its args, its name, no retry (the next
+    # minute's run is its retry) and a shorter timeout.
+    quick = deploy.rendered_job(CHANGES_JOB)
+    quick_task = quick["spec"]["template"]["spec"]["template"]["spec"]
+    [quick_container] = quick_task["containers"]
+    assert quick_container.pop("args") == ["--changes"]
+    assert (quick_task.pop("maxRetries"), quick_task.pop("timeoutSeconds")) == (0, 300)
+    assert quick["metadata"].pop("name") == CHANGES_JOB
+    for name in ("args",):
+        container.pop(name, None)
+    for name in ("maxRetries", "timeoutSeconds"):
+        task.pop(name)
+    job["metadata"].pop("name")
+    assert quick == job
 
 
 def test_values_survive_into_job_yaml_exactly(deploy: Deploy) -> None:
@@ -407,7 +450,7 @@ def test_the_smoke_test_waits_for_iam_and_retries_once(deploy: Deploy) -> None:
     assert result.returncode == 0, result.stderr
     assert "waiting 1s for the new IAM grants" in result.stderr
     assert "retrying once in 1s" in result.stderr
-    assert [c["rc"] for c in deploy.calls() if "execute" in c["argv"]] == [1, 0, 0]
+    assert [c["rc"] for c in deploy.calls() if "execute" in c["argv"]] == [1, 0, 0, 0]
 
 
 def test_skip_test_and_a_failing_smoke_test(deploy: Deploy) -> None:
@@ -539,8 +582,7 @@ def test_deploy_env_file_wins_only_over_unset_variables(deploy: Deploy) -> None:
     env_only = {k: "<unset>" for k in SETTINGS if k not in ("DB_NAME", "IAM_WAIT_SECONDS")}
     result = deploy.run("--skip-test", **env_only, DB_NAME="from_env")
     assert result.returncode == 0, result.stderr
-    [scheduler] = deploy.find("scheduler", "jobs", "create", "http")
-    assert "--schedule=0 * * * *" in scheduler  # no quotes, no comment
+    assert "--schedule=0 * * * *" in deploy.scheduler("anpi-call-scheduler-job")  # no quotes, no comment
     env = container_env(deploy.rendered_job())
     assert env["ANPI_CALL_URL"] == "https://hook.example.com/call?a=1&b=2#frag"
     assert env["DB_USER"] == "anpi_job" and env["DB_NAME"] == "from_env"
@@ -550,7 +592,7 @@ def test_deploy_env_file_wins_only_over_unset_variables(deploy: Deploy) -> None:
 def test_help_and_unknown_flags(deploy: Deploy) -> None:
     helped = deploy.run("--help")
     assert helped.returncode == 0
-    for word in ("--infrastructure-only", "status", "logs [--since 2h] [--severity", "execute [--dry-run] [--wait]",
+    for word in ("--infrastructure-only", "status", "logs [--since 2h] [--severity", "execute [--dry-run | --changes] [--wait]",
                  "pause | resume", "rollback TAG"):  # fmt: skip
         assert word in helped.stdout
     assert deploy.run("--bogus").returncode != 0
@@ -673,6 +715,43 @@ def test_the_log_metrics_match_the_job_s_own_log_lines(deploy: Deploy) -> None:
 # -- day 2 --------------------------------------------------------------------------------
 
 
+def test_an_empty_changes_schedule_turns_the_quick_runs_off_by_pausing(deploy: Deploy) -> None:
+    """Off on a new project: no quick-run trigger is created, none is smoke-tested. Off
+    later: the existing trigger is paused (reversible), never deleted. On again: it is
+    updated, stays paused until `resume`, and the deploy says so."""
+    first = deploy.run(CHANGES_SCHEDULE="")
+    assert first.returncode == 0, first.stderr
+    assert [a[4] for a in deploy.find("scheduler", "jobs", "create")] == ["anpi-call-scheduler-job"]
+    assert [a[3] for a in deploy.find("run", "jobs", "execute")] == [JOB, JOB]
+    assert deploy.rendered_job(CHANGES_JOB)  # the job is kept current, for `execute --changes`
+    assert "quick runs are off (CHANGES_SCHEDULE is empty)" in first.stderr
+    status = deploy.run("status", CHANGES_SCHEDULE="")  # no quick-run trigger: not a failure
+    assert status.returncode == 0, status.stderr
+    assert "(quick runs are off: CHANGES_SCHEDULE is empty)\n(none)\n" in status.stdout
+
+    assert deploy.run("--skip-test").returncode == 0  # on: created, enabled
+    off = deploy.run("--skip-test", CHANGES_SCHEDULE="")
+    assert off.returncode == 0, off.stderr
+    [pause] = deploy.find("scheduler", "jobs", "pause")
+    assert pause[3] == "anpi-call-changes-scheduler-job" and not deploy.find("delete")
+    assert not deploy.find("scheduler", "jobs", "update", "http", "anpi-call-changes-scheduler-job")
+    state = deploy.read_state()["resources"]
+    assert state["scheduler-job/anpi-call-changes-scheduler-job"]["state"] == "pause"
+    assert deploy.run("--skip-test", CHANGES_SCHEDULE="").returncode == 0
+    assert not deploy.find("pause")  # already paused
+
+    # Day 2 with the quick runs off: pause/resume leave their trigger alone.
+    resume = deploy.run("resume", CHANGES_SCHEDULE="")
+    assert resume.returncode == 0 and [a[3] for a in deploy.find("resume")] == ["anpi-call-scheduler-job"]
+
+    on = deploy.run("--skip-test", CHANGES_SCHEDULE="*/5 * * * *")
+    assert on.returncode == 0, on.stderr
+    assert "--schedule=*/5 * * * *" in deploy.scheduler("anpi-call-changes-scheduler-job")
+    assert "scheduler anpi-call-changes-scheduler-job is paused; ./deploy.sh resume restarts it" in on.stderr
+    assert deploy.run("resume").returncode == 0
+    assert [a[3] for a in deploy.find("resume")] == ["anpi-call-scheduler-job", "anpi-call-changes-scheduler-job"]
+
+
 def test_day_two_commands(deploy: Deploy) -> None:
     assert deploy.run("--skip-test").returncode == 0
     deploy.set_state(resources={**deploy.read_state()["resources"],
@@ -681,12 +760,14 @@ def test_day_two_commands(deploy: Deploy) -> None:
     status = deploy.run("status")
     assert status.returncode == 0, status.stderr
     issued = [[w for w in c["argv"] if not w.startswith("-")][:4] for c in deploy.calls()]
-    for command in (["run", "jobs", "describe", JOB], ["run", "jobs", "executions", "list"],
+    for command in (["run", "jobs", "describe", JOB], ["run", "jobs", "describe", CHANGES_JOB],
                     ["scheduler", "jobs", "describe", "anpi-call-scheduler-job"],
+                    ["scheduler", "jobs", "describe", "anpi-call-changes-scheduler-job"],
                     ["tasks", "queues", "describe", "anpi-call-queue"], ["tasks", "list"],
                     ["alpha", "monitoring", "policies", "list"]):  # fmt: skip
         assert command in issued, command
-    assert "--limit=5" in deploy.find("executions", "list")[0]
+    assert [next(a for a in argv if a.startswith("--job=")) for argv in deploy.find("executions", "list", "--limit=5")] \
+        == [f"--job={JOB}", f"--job={CHANGES_JOB}"]  # fmt: skip
     assert "== queue anpi-call-queue: pending tasks\n3\n" in status.stdout
     assert status.stderr.count("+ gcloud ") == len(deploy.calls())
     assert deploy.mutating() == []
@@ -694,7 +775,9 @@ def test_day_two_commands(deploy: Deploy) -> None:
     logs = deploy.run("logs", "--since", "30m", "--severity=warning")
     assert logs.returncode == 0, logs.stderr
     [read] = deploy.find("logging", "read")
-    assert f'resource.labels.job_name="{JOB}" AND severity>=WARNING' in read[2] and "--freshness=30m" in read
+    assert (f'(resource.labels.job_name="{JOB}" OR resource.labels.job_name="{CHANGES_JOB}")'
+            " AND severity>=WARNING") in read[2] and "--freshness=30m" in read  # fmt: skip
+    assert "--format=value(timestamp,resource.labels.job_name,severity," in " ".join(read)
     assert deploy.run("logs").returncode == 0 and "--freshness=2h" in deploy.find("logging", "read")[0]
     assert deploy.run("logs", "--since", "soon").returncode == 1
 
@@ -703,19 +786,33 @@ def test_day_two_commands(deploy: Deploy) -> None:
     assert execute[3] == JOB and "--args=--dry-run" in execute and "--wait" in execute
     assert deploy.run("execute").returncode == 0
     assert not [a for a in deploy.find("execute")[0] if a.startswith(("--args", "--wait"))]
+    assert deploy.run("execute", "--changes", "--wait").returncode == 0
+    [quick] = deploy.find("run", "jobs", "execute")
+    assert quick[3] == CHANGES_JOB and "--wait" in quick and not [a for a in quick if a.startswith("--args")]
+    both = deploy.run("execute", "--changes", "--dry-run")
+    assert both.returncode == 1 and "--changes and --dry-run exclude each other" in both.stderr
 
+    schedulers = ("scheduler-job/anpi-call-scheduler-job", "scheduler-job/anpi-call-changes-scheduler-job")
     assert deploy.run("pause").returncode == 0
-    assert deploy.read_state()["resources"]["scheduler-job/anpi-call-scheduler-job"]["state"] == "pause"
+    assert [deploy.read_state()["resources"][s]["state"] for s in schedulers] == ["pause", "pause"]
     assert deploy.run("resume").returncode == 0
-    assert deploy.read_state()["resources"]["scheduler-job/anpi-call-scheduler-job"]["state"] == "resume"
+    assert [deploy.read_state()["resources"][s]["state"] for s in schedulers] == ["resume", "resume"]
+    # A pause that fails for one trigger still pauses the other, then says so (exit 1).
+    deploy.set_state(faults={"deny": ["scheduler jobs pause anpi-call-scheduler-job"]})
+    half = deploy.run("pause")
+    assert half.returncode == 1 and "not every scheduler job could be paused" in half.stderr
+    assert [deploy.read_state()["resources"][s]["state"] for s in schedulers] == ["resume", "pause"]
+    deploy.set_state(faults={})
 
     image = deploy.read_state()["images"][0]
     deploy.set_state(images=["asia-northeast1-docker.pkg.dev/anpi-prod/anpi/anpi-call-scheduler:abc1234",
                              image])  # fmt: skip
     rolled = deploy.run("rollback", "abc1234")
     assert rolled.returncode == 0, rolled.stderr
-    [update] = deploy.find("run", "jobs", "update")
-    assert "--image=asia-northeast1-docker.pkg.dev/anpi-prod/anpi/anpi-call-scheduler:abc1234" in update
+    updates = deploy.find("run", "jobs", "update")
+    assert [u[3] for u in updates] == [JOB, CHANGES_JOB]
+    assert all("--image=asia-northeast1-docker.pkg.dev/anpi-prod/anpi/anpi-call-scheduler:abc1234" in u
+               for u in updates)  # fmt: skip
     assert f"to undo this rollback: ./deploy.sh rollback {image.rsplit(':', 1)[1]}" in rolled.stderr
     missing = deploy.run("rollback", "nosuchtag")
     assert missing.returncode == 1 and "no image" in missing.stderr
@@ -728,8 +825,8 @@ def test_status_exits_1_when_a_section_could_not_be_read(deploy: Deploy) -> None
     nothing = deploy.run("status")  # nothing deployed: no job, scheduler or queue
     assert nothing.returncode == 1
     sections = nothing.stdout.count("\n== ")
-    assert nothing.stderr.count("] could not read ") == 4  # job, scheduler, queue, its tasks
-    assert f"status: 4 of {sections} section(s) could not be read" in nothing.stderr.splitlines()[-1]
+    assert nothing.stderr.count("] could not read ") == 6  # 2 jobs, 2 triggers, queue, its tasks
+    assert f"status: 6 of {sections} section(s) could not be read" in nothing.stderr.splitlines()[-1]
     assert deploy.run("--skip-test").returncode == 0
     deploy.set_state(faults={"deny": ["alpha monitoring policies list"]})
     denied = deploy.run("status")
