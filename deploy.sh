@@ -3,7 +3,8 @@
 # to day: `./deploy.sh` sets up or updates everything (APIs, service accounts with least
 # privilege, the Cloud Tasks queues, the image, two Cloud Run Jobs (the hourly run and
 # the quick run, `main.py --changes`) and their triggers, the alerts, then a smoke
-# test); `./deploy.sh status|logs|execute|pause|resume|rollback` are the day-2 commands. Every gcloud command is printed (`+ gcloud ...`) before it runs.
+# test); `./deploy.sh status|logs|missed|execute|pause|resume|rollback` are the day-2
+# commands. Every gcloud command is printed (`+ gcloud ...`) before it runs.
 #
 # Settings come from the environment or from deploy.env beside this script (see
 # deploy.env.example), read by the rules python-dotenv uses. Run ./deploy.sh --help.
@@ -31,6 +32,9 @@ readonly QUEUE_ROLES=(roles/cloudtasks.enqueuer roles/cloudtasks.viewer roles/cl
 # Cloud Tasks asks for ramp-up above this many creates/s on one queue.
 readonly QUEUE_CREATE_CAP=500
 readonly SEVERITIES=(DEFAULT DEBUG INFO NOTICE WARNING ERROR CRITICAL ALERT EMERGENCY)
+# The one log line (severity ERROR) main.py writes for each call that no complete run
+# covered, with the fields user_id, scheduled_at and phone (masked).
+readonly MISSED_CALL_MESSAGE="call missed: no complete run covered it"
 # The two jobs rendered from job.yaml: the hourly run retries a failed task; a quick run
 # does not (the next minute's run is its retry) and is given less time.
 readonly HOURLY_MAX_RETRIES=2 HOURLY_TIMEOUT_SECONDS=1800
@@ -51,7 +55,7 @@ DO_TEST=1
 usage() {
   cat <<'EOF'
 Usage: ./deploy.sh [--infrastructure-only | --deploy-only] [--skip-test] [--dry-run]
-       ./deploy.sh status | logs [--since 2h] [--severity WARNING]
+       ./deploy.sh status | logs [--since 2h] [--severity WARNING] | missed [--since 24h]
        ./deploy.sh execute [--dry-run | --changes] [--wait] | pause | resume | rollback TAG
 
 Deploy (no command): sets up or updates everything, in order:
@@ -78,6 +82,8 @@ Day 2 (each prints the gcloud commands it runs):
   logs [--since 2h] [--severity LEVEL]
                          both jobs' log entries of the last 2h (or --since: 30m, 1d...)
                          at LEVEL or above (default: all)
+  missed [--since 24h]   the calls no complete run covered in the last 24h (or --since),
+                         as the jobs logged them: time, user_id, scheduled_at, phone
   execute [--dry-run | --changes] [--wait]
                          start an execution now (--dry-run: the job plans and creates
                          nothing; --changes: a quick run, of the quick-run job);
@@ -668,32 +674,44 @@ policy_json() {
 EOF
 }
 
-# A condition on a metric's sum over 5 minutes: above 0 (threshold) or absent for $3.
-# No data (the usual state of these sparse counts) closes a threshold's incident, so
-# the next failure opens a new one and notifies again.
+# A condition on a metric's sum over a rolling window: above a threshold, or absent for
+# $3. $4 is the threshold (default 0), $5 the window (default 300s). No data (the usual
+# state of these sparse counts) closes a threshold's incident, so the next failure
+# opens a new one and notifies again.
 condition_json() {
-  local display="$1" filter="$2" absent_for="${3:-}"
-  local aggregation='"aggregations": [{"alignmentPeriod": "300s", "perSeriesAligner": "ALIGN_SUM", "crossSeriesReducer": "REDUCE_SUM"}]'
+  local display="$1" filter="$2" absent_for="${3:-}" threshold="${4:-0}" window="${5:-300s}"
+  local aggregation="\"aggregations\": [{\"alignmentPeriod\": \"${window}\", \"perSeriesAligner\": \"ALIGN_SUM\", \"crossSeriesReducer\": \"REDUCE_SUM\"}]"
   if [[ -n "${absent_for}" ]]; then
     printf '{"displayName": %s, "conditionAbsent": {"filter": %s, %s, "duration": "%s", "trigger": {"count": 1}}}' \
       "$(json_string "${display}")" "$(json_string "${filter}")" "${aggregation}" "${absent_for}"
   else
-    printf '{"displayName": %s, "conditionThreshold": {"filter": %s, %s, "comparison": "COMPARISON_GT", "thresholdValue": 0, "duration": "0s", "trigger": {"count": 1}, "evaluationMissingData": "EVALUATION_MISSING_DATA_INACTIVE"}}' \
-      "$(json_string "${display}")" "$(json_string "${filter}")" "${aggregation}"
+    printf '{"displayName": %s, "conditionThreshold": {"filter": %s, %s, "comparison": "COMPARISON_GT", "thresholdValue": %s, "duration": "0s", "trigger": {"count": 1}, "evaluationMissingData": "EVALUATION_MISSING_DATA_INACTIVE"}}' \
+      "$(json_string "${display}")" "$(json_string "${filter}")" "${aggregation}" "${threshold}"
   fi
 }
 
+# Log-based metrics count the lines of both jobs (a quick run logs an invalid row, a
+# call it could not place or a missed call like the hourly run). The execution policies
+# differ: a failed or absent execution is about the hourly run, while one failed quick
+# run needs nothing (the next minute's run is its retry): only quick runs that keep
+# failing alert.
 setup_alerts() {
   log "alerts: log-based metrics, notification channels, alert policies"
-  local job="resource.type=\"cloud_run_job\" AND resource.labels.job_name=\"${JOB_NAME}\""
-  local executions="${job} AND metric.type=\"run.googleapis.com/job/completed_execution_count\""
+  local run_job='resource.type="cloud_run_job" AND resource.labels.job_name='
+  local count='metric.type="run.googleapis.com/job/completed_execution_count"'
+  local executions="${run_job}\"${JOB_NAME}\" AND ${count}"
+  local quick_executions="${run_job}\"${CHANGES_JOB_NAME}\" AND ${count}"
   local user_metric="resource.type=\"cloud_run_job\" AND metric.type=\"logging.googleapis.com/user"
+  local both="${JOB_NAME} or ${CHANGES_JOB_NAME}"
   ensure_log_metric "${JOB_NAME}-invalid-rows" \
-    "Rows of users that ${JOB_NAME} cannot call (one per invalid row and run)" \
-    "${job} AND severity=ERROR AND jsonPayload.message:\"invalid row skipped\""
+    "Rows of users that ${both} cannot call (one per invalid row and run)" \
+    "${JOBS_FILTER} AND severity=ERROR AND jsonPayload.message:\"invalid row skipped\""
   ensure_log_metric "${JOB_NAME}-calls-not-placed" \
-    "Runs of ${JOB_NAME} that left calls off the queue (tasks_failed or tasks_not_attempted)" \
-    "${job} AND (jsonPayload.tasks_failed>0 OR jsonPayload.tasks_not_attempted>0)"
+    "Runs of ${both} that left calls off the queue (tasks_failed or tasks_not_attempted)" \
+    "${JOBS_FILTER} AND (jsonPayload.tasks_failed>0 OR jsonPayload.tasks_not_attempted>0)"
+  ensure_log_metric "${JOB_NAME}-calls-missed" \
+    "Calls the table wanted that no complete run of ${both} covered (one line per call)" \
+    "${JOBS_FILTER} AND severity=ERROR AND jsonPayload.message:\"${MISSED_CALL_MESSAGE}\""
   CHANNELS="$(alert_channels)" || exit 1
   if [[ -z "${ALERT_EMAIL}" ]]; then
     log "ALERT_EMAIL is not set: the alert policies exist but notify nobody." \
@@ -707,6 +725,8 @@ setup_alerts() {
     "${JOB_NAME}: no successful execution for 2 hours"
     "${JOB_NAME}: rows became invalid"
     "${JOB_NAME}: calls failed or were not attempted"
+    "${JOB_NAME}: quick runs keep failing"
+    "${JOB_NAME}: calls were missed"
   )
   policy_json "${names[0]}" \
     "$(condition_json "failed executions" "${executions} AND metric.labels.result=\"failed\"")" \
@@ -718,13 +738,21 @@ setup_alerts() {
     >"${dir}/absent.json"
   policy_json "${names[2]}" \
     "$(condition_json "invalid rows logged" "${user_metric}/${JOB_NAME}-invalid-rows\"")" \
-    "A row of \`users\` is invalid, so that person will NOT be called until it is fixed (a bad phone number, weekday, time or zone). First run \`./deploy.sh logs --since 2h --severity ERROR\`: each \`invalid row skipped\` line names the \`user_id\`, the column and the reason. Fix the row; the next hourly run calls them." \
+    "A row of \`users\` is invalid, so that person will NOT be called until it is fixed (a bad phone number, weekday, time or zone). First run \`./deploy.sh logs --since 2h --severity ERROR\`: each \`invalid row skipped\` line names the \`user_id\`, the column and the reason. Fix the row; the next run calls them." \
     >"${dir}/invalid.json"
   policy_json "${names[3]}" \
     "$(condition_json "runs with calls not placed" "${user_metric}/${JOB_NAME}-calls-not-placed\"")" \
-    "A run of Cloud Run Job ${JOB_NAME} could not put some calls on the queue (\`tasks_failed\` or \`tasks_not_attempted\` above 0 in its summary). First run \`./deploy.sh logs --since 2h --severity WARNING\`; once Cloud Tasks answers again, \`./deploy.sh execute --wait\` places them." \
+    "A run of Cloud Run Job ${JOB_NAME} or ${CHANGES_JOB_NAME} could not put some calls on the queue (\`tasks_failed\` or \`tasks_not_attempted\` above 0 in its summary). First run \`./deploy.sh logs --since 2h --severity WARNING\`; once Cloud Tasks answers again, \`./deploy.sh execute --wait\` places them." \
     >"${dir}/not-placed.json"
-  local i files=(failed absent invalid not-placed)
+  policy_json "${names[4]}" \
+    "$(condition_json "more than 3 failed quick runs in 15 minutes" "${quick_executions} AND metric.labels.result=\"failed\"" "" 3 900s)" \
+    "Quick runs (Cloud Run Job ${CHANGES_JOB_NAME}, \`main.py --changes\`) keep failing: more than 3 failed in 15 minutes. A changed setting now reaches the queue only at the next hourly run, so a call moved to within the hour may be missed. One failure alone does not alert: the next run is its retry. First run \`./deploy.sh status\` (last executions of both jobs) and \`./deploy.sh logs --since 1h --severity WARNING\` (the quick run's lines name ${CHANGES_JOB_NAME}). \`./deploy.sh execute --changes --wait\` tries one after a fix." \
+    >"${dir}/quick-failing.json"
+  policy_json "${names[5]}" \
+    "$(condition_json "calls missed (one per call)" "${user_metric}/${JOB_NAME}-calls-missed\"")" \
+    "Calls that users' settings wanted were MISSED: no complete run of ${JOB_NAME} or ${CHANGES_JOB_NAME} covered them, so those people were not called. The value in this notification is how many calls were missed in the 5 minutes it covers (one \`${MISSED_CALL_MESSAGE}\` line per call). First run \`./deploy.sh missed --since 24h\`: it lists each missed call (time, user_id, scheduled_at, masked phone), so that someone can reach those people. Then find why no run completed: \`./deploy.sh status\` and \`./deploy.sh logs --since 2h --severity WARNING\`." \
+    >"${dir}/missed.json"
+  local i files=(failed absent invalid not-placed quick-failing missed)
   for i in "${!names[@]}"; do
     ensure_policy "${names[i]}" "${dir}/${files[i]}.json"
   done
@@ -1045,7 +1073,7 @@ logs() {
     esac
     shift
   done
-  [[ "${since}" =~ ^[0-9]+[smhd]$ ]] || fail "logs --since ${since}: want a duration such as 30m, 2h, 1d"
+  check_since logs "${since}"
   severity="${severity^^}"
   [[ " ${SEVERITIES[*]} " == *" ${severity} "* ]] ||
     fail "logs --severity ${severity}: want one of ${SEVERITIES[*]}"
@@ -1054,8 +1082,49 @@ logs() {
   entries="$(call gcloud logging read "${JOBS_FILTER} AND severity>=${severity}" \
     --freshness="${since}" --order=desc --limit=1000 "${PROJECT_FLAGS[@]}" \
     --format='value(timestamp,resource.labels.job_name,severity,jsonPayload.message,textPayload,jsonPayload)')"
-  # The newest 1,000 entries, shown oldest first.
-  [[ -z "${entries}" ]] || printf '%s\n' "${entries}" | awk '{ line[NR] = $0 } END { for (i = NR; i > 0; i--) print line[i] }'
+  [[ -z "${entries}" ]] || oldest_first "${entries}"
+}
+
+# The calls no complete run covered, as main.py's audit logged them (one ERROR line
+# each), from both jobs: time, user_id, scheduled_at, masked phone; oldest first.
+missed() {
+  local since=24h
+  while (($#)); do
+    case "$1" in
+      --since) since="${2:-}" && shift ;;
+      --since=*) since="${1#*=}" ;;
+      *) fail "missed: unknown flag $1 (missed [--since 24h])" ;;
+    esac
+    shift
+  done
+  check_since missed "${since}"
+  prepare day2
+  local entries lines=() more=""
+  entries="$(call gcloud logging read \
+    "${JOBS_FILTER} AND severity=ERROR AND jsonPayload.message:\"${MISSED_CALL_MESSAGE}\"" \
+    --freshness="${since}" --order=desc --limit=1000 "${PROJECT_FLAGS[@]}" \
+    --format='value(timestamp,jsonPayload.user_id,jsonPayload.scheduled_at,jsonPayload.phone)')" ||
+    fail "cannot read the logs (see the error above)"
+  printf 'TIME\tUSER_ID\tSCHEDULED_AT\tPHONE\n'
+  if [[ -z "${entries}" ]]; then
+    log "no missed calls in the last ${since}"
+    return
+  fi
+  oldest_first "${entries}"
+  mapfile -t lines <<<"${entries}"
+  ((${#lines[@]} < 1000)) || more=" (the newest 1,000 only: narrow --since)"
+  log "${#lines[@]} missed call(s) in the last ${since}${more}"
+}
+
+# $2 must be a duration for `gcloud logging read --freshness`; $1 names the command.
+check_since() {
+  [[ "$2" =~ ^[0-9]+[smhd]$ ]] || fail "$1 --since $2: want a duration such as 30m, 2h, 1d"
+}
+
+# Prints the lines of $1, which a listing gave newest first (the newest 1,000 entries),
+# oldest first.
+oldest_first() {
+  printf '%s\n' "$1" | awk '{ line[NR] = $0 } END { for (i = NR; i > 0; i--) print line[i] }'
 }
 
 # The hourly job (--dry-run: with that arg), or with --changes the quick-run job as its
@@ -1126,7 +1195,7 @@ main() {
   TEMP_PATHS+=("${QUERY_ERRORS}")
   local command="${1:-deploy}"
   case "${command}" in
-    status | logs | execute | pause | resume | rollback)
+    status | logs | missed | execute | pause | resume | rollback)
       shift
       [[ "${1:-}" == -h || "${1:-}" == --help ]] && usage && exit 0
       case "${command}" in
@@ -1139,7 +1208,7 @@ main() {
       deploy "$@"
       ;;
     -*) deploy "$@" ;;
-    *) fail "unknown command: ${command} (commands: deploy, status, logs, execute, pause, resume, rollback; ./deploy.sh --help)" ;;
+    *) fail "unknown command: ${command} (commands: deploy, status, logs, missed, execute, pause, resume, rollback; ./deploy.sh --help)" ;;
   esac
 }
 

@@ -16,7 +16,8 @@ project` answers the state's "config_project" (unset by default: "(unset)" on st
 PERMISSION_DENIED), "disabled" (command prefixes answered SERVICE_DISABLED, an API not
 enabled yet), "iam_not_yet" (that many IAM bindings fail with "does not exist" first),
 "metric_not_ready" (that many policy writes fail with "Cannot find metric(s)" first),
-"execute_fail" (that many executions fail first; -1: all).
+"execute_fail" (that many executions fail first; -1: all). `logging read` answers from
+the state's "log_entries" when a test sets them (see read_logs).
 """
 
 from __future__ import annotations
@@ -187,7 +188,9 @@ def main(argv: list[str]) -> int:
         depth = resources[f"queue/{queue}"].get("depth", 0)
         return done(0, out="\n".join(f"task-{i}" for i in range(depth)))
     if words[:2] == ["logging", "read"]:
-        return done(0, out="2026-12-02T09:00:01Z\tINFO\trun started")
+        if "log_entries" not in state:
+            return done(0, out="2026-12-02T09:00:01Z\tINFO\trun started")
+        return done(0, out=read_logs(state["log_entries"], words[2], flag(argv, "format") or ""))
     if words[:4] == ["run", "jobs", "executions", "list"]:
         return done(0, out="anpi-call-create-task-job-abcde  2026-12-02T09:00:00Z  1  0")
     if words[1:3] == ["monitoring", "channels"]:
@@ -257,6 +260,29 @@ def main(argv: list[str]) -> int:
         )
         return done(0)
     return done(2, err=f"fake gcloud: unknown command {argv}")
+
+
+def read_logs(entries: list[dict[str, Any]], query: str, form: str) -> str:
+    """`logging read` over the state's "log_entries" (kept newest first): the entries of
+    the jobs the query names whose message holds its jsonPayload.message:"..." text, as
+    --format=value(field,...) prints them (tab-separated, dotted paths)."""
+    jobs = re.findall(r'resource\.labels\.job_name="([^"]*)"', query)
+    message = quoted(query, "jsonPayload.message")
+    fields = re.fullmatch(r"value\((.*)\)", form)
+    lines = []
+    for entry in entries:
+        if jobs and entry["resource"]["labels"]["job_name"] not in jobs:
+            continue
+        if message and message[1] not in entry["jsonPayload"]["message"]:
+            continue
+        values = []
+        for path in fields[1].split(",") if fields else []:
+            value: Any = entry
+            for key in path.split("."):
+                value = value.get(key, "") if isinstance(value, dict) else ""
+            values.append(str(value))
+        lines.append("\t".join(values))
+    return "\n".join(lines)
 
 
 def channels(verb: str, argv: list[str], state: dict[str, Any], done: Any) -> int:

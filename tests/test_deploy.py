@@ -361,9 +361,9 @@ def test_second_full_run_updates_without_a_rejected_create(deploy: Deploy) -> No
     assert not deploy.find("create")  # every resource existed: updated, not created
     assert deploy.find("tasks", "queues", "update")
     assert deploy.find("scheduler", "jobs", "update", "http")
-    assert len(deploy.find("logging", "metrics", "update")) == 2
+    assert len(deploy.find("logging", "metrics", "update")) == 3
     # Unchanged policies are left alone (an update would restart the absence condition).
-    assert not deploy.find("policies", "update") and second.stderr.count("is up to date") == 4
+    assert not deploy.find("policies", "update") and second.stderr.count("is up to date") == 6
 
 
 def test_dry_run_changes_nothing(deploy: Deploy) -> None:
@@ -593,7 +593,7 @@ def test_help_and_unknown_flags(deploy: Deploy) -> None:
     helped = deploy.run("--help")
     assert helped.returncode == 0
     for word in ("--infrastructure-only", "status", "logs [--since 2h] [--severity", "execute [--dry-run | --changes] [--wait]",
-                 "pause | resume", "rollback TAG"):  # fmt: skip
+                 "pause | resume", "rollback TAG", "missed [--since 24h]"):  # fmt: skip
         assert word in helped.stdout
     assert deploy.run("--bogus").returncode != 0
     assert deploy.run("logs", "--bogus").returncode != 0
@@ -605,7 +605,7 @@ def test_an_unknown_command_is_named_as_one(deploy: Deploy) -> None:
     assert result.returncode == 1
     [line] = result.stderr.splitlines()
     assert "unknown command: frobnicate" in line and "unknown flag" not in line
-    for command in ("deploy", "status", "logs", "execute", "pause", "resume", "rollback"):
+    for command in ("deploy", "status", "logs", "missed", "execute", "pause", "resume", "rollback"):
         assert command in line.split("commands:")[1]
     assert deploy.calls() == []
 
@@ -621,7 +621,8 @@ def test_alerts_are_created_once_and_updated_on_a_rerun(deploy: Deploy) -> None:
     policies = {p["displayName"]: p for p in state["policies"].values()}
     assert sorted(policies) == sorted([
         f"{JOB}: an execution failed", f"{JOB}: no successful execution for 2 hours",
-        f"{JOB}: rows became invalid", f"{JOB}: calls failed or were not attempted"])  # fmt: skip
+        f"{JOB}: rows became invalid", f"{JOB}: calls failed or were not attempted",
+        f"{JOB}: quick runs keep failing", f"{JOB}: calls were missed"])  # fmt: skip
     assert all(p["notificationChannels"] == [] for p in policies.values())
     assert all("./deploy.sh" in p["documentation"]["content"] for p in policies.values())
 
@@ -633,8 +634,24 @@ def test_alerts_are_created_once_and_updated_on_a_rerun(deploy: Deploy) -> None:
     assert 'metric.labels.result="succeeded"' in absent["conditionAbsent"]["filter"]
     [invalid] = policies[f"{JOB}: rows became invalid"]["conditions"]
     assert f"logging.googleapis.com/user/{JOB}-invalid-rows" in invalid["conditionThreshold"]["filter"]
-    metrics = {m[3]: m for m in deploy.find("logging", "metrics", "create")}
-    assert set(metrics) == {f"{JOB}-invalid-rows", f"{JOB}-calls-not-placed"}
+    metrics = {m[3]: next(a for a in m if a.startswith("--log-filter=")) for m in deploy.find("metrics", "create")}
+    assert set(metrics) == {f"{JOB}-invalid-rows", f"{JOB}-calls-not-placed", f"{JOB}-calls-missed"}
+    # The log-based metrics count both jobs' lines; the execution policies of the hourly
+    # run are about the hourly job alone, and quick runs alert only when they keep failing.
+    both = f'(resource.labels.job_name="{JOB}" OR resource.labels.job_name="{CHANGES_JOB}")'
+    assert all(both in f for f in metrics.values())
+    for condition in (failed["conditionThreshold"], absent["conditionAbsent"]):
+        assert f'resource.labels.job_name="{JOB}" AND' in condition["filter"] and CHANGES_JOB not in condition["filter"]
+    [quick] = [c["conditionThreshold"] for c in policies[f"{JOB}: quick runs keep failing"]["conditions"]]
+    assert f'resource.labels.job_name="{CHANGES_JOB}" AND' in quick["filter"] and f'"{JOB}"' not in quick["filter"]
+    assert 'metric.labels.result="failed"' in quick["filter"]
+    assert (quick["thresholdValue"], quick["aggregations"][0]["alignmentPeriod"]) == (3, "900s")
+    missed = policies[f"{JOB}: calls were missed"]
+    [condition] = [c["conditionThreshold"] for c in missed["conditions"]]
+    assert f"logging.googleapis.com/user/{JOB}-calls-missed" in condition["filter"]
+    assert condition["thresholdValue"] == 0 and condition["aggregations"][0]["perSeriesAligner"] == "ALIGN_SUM"
+    doc = missed["documentation"]["content"]
+    assert "`./deploy.sh missed --since 24h`" in doc and "how many calls were missed" in doc
 
     # Rerun, now with two addresses (one repeated): two channels, the same four
     # policies, updated because their definition changed.
@@ -642,9 +659,9 @@ def test_alerts_are_created_once_and_updated_on_a_rerun(deploy: Deploy) -> None:
     assert second.returncode == 0, second.stderr
     assert len(deploy.find("beta", "monitoring", "channels", "create")) == 2
     assert not deploy.find("policies", "create") and not deploy.find("metrics", "create")
-    assert len(deploy.find("policies", "update")) == 4
+    assert len(deploy.find("policies", "update")) == 6
     state = deploy.read_state()
-    assert len(state["policies"]) == 4
+    assert len(state["policies"]) == 6
     channels = sorted(state["channels"].values())
     assert all(sorted(p["notificationChannels"]) == channels for p in state["policies"].values())
     # A third run reuses the channels and leaves the policies as they are.
@@ -658,7 +675,7 @@ def test_a_policy_waits_for_its_new_log_metric(deploy: Deploy) -> None:
     result = deploy.run("--infrastructure-only")
     assert result.returncode == 0, result.stderr
     assert result.stderr.count("the new log-based metric not ready yet") == 2
-    assert len(deploy.read_state()["policies"]) == 4
+    assert len(deploy.read_state()["policies"]) == 6
 
 
 @pytest.mark.parametrize("listing", ["beta monitoring channels list", "alpha monitoring policies list",
@@ -673,7 +690,7 @@ def test_a_failed_listing_stops_the_script(deploy: Deploy, listing: str) -> None
     assert not deploy.find("create")
     if listing.startswith("tasks"):
         assert "no longer used" not in result.stderr  # never "0 pending tasks, delete it"
-    assert len(deploy.read_state()["channels"]) == 1 and len(deploy.read_state()["policies"]) == 4
+    assert len(deploy.read_state()["channels"]) == 1 and len(deploy.read_state()["policies"]) == 6
 
 
 def test_a_dry_run_on_a_project_whose_apis_are_not_enabled(deploy: Deploy) -> None:
@@ -710,6 +727,43 @@ def test_the_log_metrics_match_the_job_s_own_log_lines(deploy: Deploy) -> None:
     fields = {f.name for f in dataclasses.fields(main.RunSummary)}
     for name in ("tasks_failed", "tasks_not_attempted"):
         assert f"jsonPayload.{name}>0" in not_placed and name in fields
+    # The audit's line for each missed call (main.py's contract: ERROR, this message).
+    missed = filters[f"{JOB}-calls-missed"]
+    assert 'severity=ERROR AND jsonPayload.message:"call missed: no complete run covered it"' in missed
+
+
+def test_missed_lists_the_missed_calls_of_both_jobs(deploy: Deploy) -> None:
+    def entry(time: str, job: str, message: str, user: int, severity: str = "ERROR") -> dict[str, Any]:
+        return {"timestamp": time, "severity": severity, "resource": {"labels": {"job_name": job}},
+                "jsonPayload": {"message": message, "user_id": user, "phone": f"***{user:04d}",
+                                "scheduled_at": f"2026-12-02T0{user}:00:00+09:00"}}  # fmt: skip
+
+    missed = "call missed: no complete run covered it"
+    deploy.set_state(log_entries=[  # newest first, as `logging read --order=desc` gives them
+        entry("2026-12-02T10:15:00Z", CHANGES_JOB, missed, 8),
+        entry("2026-12-02T10:00:00Z", "another-job", missed, 9),
+        entry("2026-12-02T09:15:00Z", JOB, "invalid row skipped: x", 3),
+        entry("2026-12-02T09:15:00Z", JOB, missed, 7),
+    ])  # fmt: skip
+    result = deploy.run("missed", "--since=2d")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == (
+        "TIME\tUSER_ID\tSCHEDULED_AT\tPHONE\n"
+        "2026-12-02T09:15:00Z\t7\t2026-12-02T07:00:00+09:00\t***0007\n"
+        "2026-12-02T10:15:00Z\t8\t2026-12-02T08:00:00+09:00\t***0008\n"
+    )
+    assert result.stderr.splitlines()[-1] == "[deploy] 2 missed call(s) in the last 2d"
+    [read] = deploy.find("logging", "read")
+    assert "--freshness=2d" in read and "--order=desc" in read
+    assert deploy.run("missed").returncode == 0 and "--freshness=24h" in deploy.find("logging", "read")[0]
+    deploy.set_state(log_entries=[])
+    none = deploy.run("missed")
+    assert none.returncode == 0 and none.stdout == "TIME\tUSER_ID\tSCHEDULED_AT\tPHONE\n"
+    assert "no missed calls in the last 24h" in none.stderr
+    assert deploy.run("missed", "--since", "soon").returncode == 1
+    assert deploy.run("missed", "--bogus").returncode == 1 and deploy.calls() == []
+    deploy.set_state(faults={"deny": ["logging read"]})
+    assert deploy.run("missed").returncode == 1
 
 
 # -- day 2 --------------------------------------------------------------------------------
