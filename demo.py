@@ -9,6 +9,12 @@
 It waits (bounded) for the calls due within the next minute, prints a report, cleans up
 every process it started (also on Ctrl-C or failure) and exits 1 if a due call did not
 arrive.
+
+The database (DB_NAME, default anpi_demo) is the demo's own: it creates it, with a
+marker table `anpi_demo_marker` beside schema.sql's tables, and leaves it for a look
+afterwards. The next run drops and re-creates only a database that carries that mark.
+A database of that name without it (one the demo did not create) is never touched: the
+demo stops, exit 1, and says so.
 """
 
 from __future__ import annotations
@@ -39,6 +45,12 @@ from tests.webhook import WebhookReceiver  # noqa: E402
 TOKYO = ZoneInfo("Asia/Tokyo")
 LOS_ANGELES = ZoneInfo("America/Los_Angeles")
 DEMO_DB = "anpi_demo"
+# The table that marks a database as the demo's own (see the module docstring).
+MARKER_TABLE = "anpi_demo_marker"
+
+
+class NotOurs(RuntimeError):
+    """DB_NAME names a database the demo did not create; the message says what to do."""
 PROJECT = "anpi-demo"
 
 
@@ -87,10 +99,30 @@ def database(stack: list[Any]) -> dict[str, str]:
             say("database: MariaDB/MySQL at 127.0.0.1:3306")
         settings = {"DB_HOST": host, "DB_PORT": str(port), "DB_USER": "root", "DB_PASSWORD": ""}
     name = os.environ.get("DB_NAME", DEMO_DB)
+    quoted = "`" + name.replace("`", "``") + "`"
     with connect(settings) as conn, conn.cursor() as cur:
-        cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
-        cur.execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
-        cur.execute(f"USE `{name}`")
+        cur.execute("SELECT COUNT(*) FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = %s", (name,))
+        if cur.fetchone()[0]:
+            cur.execute(
+                "SELECT COUNT(*) FROM information_schema.TABLES"
+                " WHERE TABLE_SCHEMA = %s AND TABLE_NAME = %s",
+                (name, MARKER_TABLE),
+            )
+            if not cur.fetchone()[0]:
+                raise NotOurs(
+                    f"database {name} exists and the demo did not create it (it has no table"
+                    f" {MARKER_TABLE}), so the demo leaves it alone. Set DB_NAME to a new name;"
+                    f" or, if it is an older demo's and you are sure, drop it yourself:"
+                    f" DROP DATABASE {quoted};"
+                )
+            cur.execute(f"DROP DATABASE {quoted}")  # the demo's own, from an earlier run
+        cur.execute(f"CREATE DATABASE {quoted} CHARACTER SET utf8mb4")
+        cur.execute(f"USE {quoted}")
+        cur.execute(f"CREATE TABLE {MARKER_TABLE} (note VARCHAR(200) NOT NULL)")
+        cur.execute(
+            f"INSERT INTO {MARKER_TABLE} VALUES (%s)",
+            ("created by demo.py (make demo); the next make demo drops and re-creates it",),
+        )
         for statement in schema_statements((ROOT / "schema.sql").read_text()):
             cur.execute(statement)
     return {**settings, "DB_NAME": name}
@@ -134,7 +166,7 @@ def main() -> int:
     stack: list[Any] = []
     try:
         return demo(stack, args.no_webhook)
-    except NoDatabase as exc:
+    except (NoDatabase, NotOurs) as exc:
         say(f"demo: {exc}")
         return 1
     except KeyboardInterrupt:

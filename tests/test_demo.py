@@ -5,12 +5,16 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
+import pymysql
 import pytest
 
+import demo
 from tests import localdb
-from tests.conftest import ROOT
+from tests.conftest import DB_SETTINGS, ROOT, create_database, drop_database
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +34,21 @@ def clean_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return copy
 
 
-def make_demo(copy: Path, *flags: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DB_")}
+@pytest.fixture
+def demo_db() -> Iterator[str]:
+    """A database name of the demo's own for one run (never another run's, not even a
+    concurrent one's); dropped afterwards from the server the demo finds by itself."""
+    name = f"anpi_demo_test_{uuid.uuid4().hex[:8]}"
+    try:
+        yield name
+    finally:
+        if localdb.answers("127.0.0.1", 3306):  # else the demo's private server is gone
+            with pymysql.connect(host="127.0.0.1", port=3306, user="root") as conn, conn.cursor() as cur:
+                cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
+
+
+def make_demo(copy: Path, *flags: str, **settings: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DB_")} | settings
     return subprocess.run(
         ["make", "--no-print-directory", "demo", f"DEMO_FLAGS={' '.join(flags)}"],
         cwd=copy,
@@ -42,8 +59,8 @@ def make_demo(copy: Path, *flags: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_make_demo_delivers_every_due_call(clean_copy: Path) -> None:
-    result = make_demo(clean_copy)
+def test_make_demo_delivers_every_due_call(clean_copy: Path, demo_db: str) -> None:
+    result = make_demo(clean_copy, DB_NAME=demo_db)
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert "demo: OK, every due call arrived once, at its second" in out
@@ -56,11 +73,60 @@ def test_make_demo_delivers_every_due_call(clean_copy: Path) -> None:
     assert "+81901111" not in out  # phone numbers masked
 
 
-def test_make_demo_fails_clearly_when_the_webhook_is_down(clean_copy: Path) -> None:
-    result = make_demo(clean_copy, "--no-webhook")
+def test_make_demo_fails_clearly_when_the_webhook_is_down(clean_copy: Path, demo_db: str) -> None:
+    result = make_demo(clean_copy, "--no-webhook", DB_NAME=demo_db)
     assert result.returncode != 0
     assert "did not arrive at the webhook" in result.stdout
     assert "(it is down: --no-webhook)" in result.stdout
+
+
+def test_make_demo_never_touches_a_database_it_did_not_create(clean_copy: Path) -> None:
+    """DB_NAME naming a database that holds a table: the demo refuses it, exit 1, and
+    the database and its table are as they were."""
+    theirs = create_database("CREATE TABLE precious (id INT PRIMARY KEY, note VARCHAR(40));")
+    try:
+        theirs.execute("INSERT INTO precious VALUES (1, 'keep me')")
+        result = make_demo(
+            clean_copy,
+            DB_HOST=DB_SETTINGS["host"],
+            DB_PORT=str(DB_SETTINGS["port"]),
+            DB_USER=DB_SETTINGS["user"],
+            DB_PASSWORD=DB_SETTINGS["password"],
+            DB_NAME=theirs.name,
+        )
+        assert result.returncode != 0 and "demo] Error 1" in result.stderr  # demo.py exited 1
+        assert f"demo: database {theirs.name} exists and the demo did not create it" in result.stdout
+        assert "Traceback" not in result.stdout + result.stderr
+        with theirs.connect() as conn, conn.cursor() as cur:
+            cur.execute("SELECT id, note FROM precious")
+            assert cur.fetchall() == ((1, "keep me"),)
+            cur.execute("SHOW TABLES")
+            assert cur.fetchall() == (("precious",),)
+    finally:
+        drop_database(theirs)
+
+
+def test_the_demo_re_creates_its_own_database(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A database the demo made (it carries the mark) is dropped and made afresh by the
+    next run: nothing of the earlier run's rows is left."""
+    name = f"anpi_demo_test_{uuid.uuid4().hex[:8]}"
+    for key, value in (("DB_HOST", DB_SETTINGS["host"]), ("DB_PORT", str(DB_SETTINGS["port"])),
+                       ("DB_USER", DB_SETTINGS["user"]), ("DB_PASSWORD", DB_SETTINGS["password"]),
+                       ("DB_NAME", name)):  # fmt: skip
+        monkeypatch.setenv(key, value)
+    try:
+        settings = demo.database([])
+        demo.load(settings, [{"id": 1, "phone_number": "+819011110001", "call_weekdays": "daily",
+                              "call_time": "09:00:00"}])  # fmt: skip
+        again = demo.database([])
+        with demo.connect(again) as conn, conn.cursor() as cur:
+            cur.execute("SELECT COUNT(*) FROM users")
+            assert cur.fetchone() == (0,)
+            cur.execute(f"SELECT COUNT(*) FROM {demo.MARKER_TABLE}")
+            assert cur.fetchone() == (1,)
+    finally:
+        with pymysql.connect(**DB_SETTINGS) as conn, conn.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
 
 
 def test_private_mariadb_starts_serves_and_leaves_nothing_behind() -> None:
