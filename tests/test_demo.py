@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import uuid
@@ -59,6 +60,23 @@ def make_demo(copy: Path, *flags: str, **settings: str) -> subprocess.CompletedP
     )
 
 
+def report(out: str) -> dict[int, str]:
+    """The report's status of each user: user id -> what the demo says about them."""
+    lines = out.split("=== report ===\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    return {int(m[1]): m[2] for m in (re.match(r"  user (\d+) +\S+ +\S+  (.*)", ln) for ln in lines) if m}
+
+
+def assert_reasons_of_the_users_not_due(status: dict[int, str]) -> None:
+    """Each reason comes from the job's plan, logs and the rows, never a guess."""
+    assert sorted(status) == list(range(1, 11))
+    assert status[7] == "invalid: call_weekdays '月x': unknown word 'x'"
+    assert status[8] == "inactive: not called"
+    assert status[9].startswith("later: its time is outside this run's window")
+    assert re.fullmatch(r"paused: \S+\.\.\S+ covers \d{4}-\d\d-\d\d", status[10])
+    for user in (1, 2, 3, 5):  # by today's weekday
+        assert re.search(r"^called|^due |is not one of its days$", status[user]), status[user]
+
+
 def test_make_demo_delivers_every_due_call(clean_copy: Path, demo_db: str) -> None:
     result = make_demo(clean_copy, DB_NAME=demo_db)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -71,6 +89,13 @@ def test_make_demo_delivers_every_due_call(clean_copy: Path, demo_db: str) -> No
     assert "user 8  daily" in out and "inactive: not called" in out
     assert out.count("📞 call for user") == int(total)
     assert "+81901111" not in out  # phone numbers masked
+    # Every call at its second: within a second of its time, never early.
+    lateness = [float(s) for s in re.findall(r"📞 call for user .*, ([+-][0-9.]+) s late", out)]
+    assert len(lateness) == int(total) and all(-0.2 < late < 1.0 for late in lateness), lateness
+    status = report(out)
+    assert_reasons_of_the_users_not_due(status)
+    called = {int(u) for u in re.findall(r"📞 call for user (\d+)", out)}
+    assert {u for u, s in status.items() if s.startswith("called")} == called >= {4, 6}
 
 
 def test_make_demo_fails_clearly_when_the_webhook_is_down(clean_copy: Path, demo_db: str) -> None:
@@ -78,6 +103,12 @@ def test_make_demo_fails_clearly_when_the_webhook_is_down(clean_copy: Path, demo
     assert result.returncode != 0
     assert "did not arrive at the webhook" in result.stdout
     assert "(it is down: --no-webhook)" in result.stdout
+    # "not delivered" only for the calls that were due; the others say why not.
+    status = report(result.stdout)
+    assert_reasons_of_the_users_not_due(status)
+    down = {u for u, s in status.items() if s.endswith("not delivered: the webhook is down (--no-webhook)")}
+    assert down >= {4, 6} and "delivered      0 of " + str(len(down)) in result.stdout
+    assert all("not delivered" not in s for u, s in status.items() if u not in down)
 
 
 def test_make_demo_never_touches_a_database_it_did_not_create(clean_copy: Path) -> None:
