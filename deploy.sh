@@ -164,7 +164,7 @@ exists() {
     return 0
   fi
   err="$(<"${QUERY_ERRORS}")"
-  if [[ "${err}" != *PERMISSION_DENIED* && "${err}" =~ NOT_FOUND|Cannot\ find ]]; then
+  if not_found "${err}"; then
     return 1
   fi
   if ((DRY_RUN)) && [[ "${err}" =~ SERVICE_DISABLED|has\ not\ been\ used ]]; then
@@ -173,6 +173,11 @@ exists() {
   fi
   printf '%s\n' "${err}" >&2
   fail "cannot tell whether it exists: $*"
+}
+
+# Whether gcloud's error $1 says that the resource does not exist (and nothing else).
+not_found() {
+  [[ "$1" != *PERMISSION_DENIED* && "$1" =~ NOT_FOUND|Cannot\ find ]]
 }
 
 # Runs a command that changes something, like `run`, retrying while its error matches
@@ -1016,7 +1021,7 @@ describe_if_any() {
   if "$@" 2>"${QUERY_ERRORS}"; then
     return 0
   fi
-  if grep -qE 'NOT_FOUND|Cannot find' "${QUERY_ERRORS}" && ! grep -q PERMISSION_DENIED "${QUERY_ERRORS}"; then
+  if not_found "$(<"${QUERY_ERRORS}")"; then
     printf '(none)\n'
     return 0
   fi

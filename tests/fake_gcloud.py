@@ -10,7 +10,8 @@ Every call is appended to $FAKE_GCLOUD_LOG as one JSON line ({"argv": [...], "rc
 plus "file": the contents of a file passed to `run jobs replace` or `--policy-from-file`).
 Resource state lives in $FAKE_GCLOUD_STATE (JSON): describe fails with NOT_FOUND until
 the resource is created, create of an existing one fails with ALREADY_EXISTS, as gcloud
-does. gcloud's own login and project: `auth list` answers the account "deployer@example.com"
+does; `scheduler jobs describe --format=value(state)` answers ENABLED or PAUSED (after
+`pause`). gcloud's own login and project: `auth list` answers the account "deployer@example.com"
 unless the state's "logged_out" is true (then nothing, as real gcloud does); `config get
 project` answers the state's "config_project" (unset by default: "(unset)" on stderr). Faults, set by a test in the state's "faults": "deny" (command prefixes answered
 PERMISSION_DENIED), "disabled" (command prefixes answered SERVICE_DISABLED, an API not
