@@ -783,22 +783,23 @@ def test_an_empty_changes_schedule_turns_the_quick_runs_off_by_pausing(deploy: D
     assert status.returncode == 0, status.stderr
     assert "(quick runs are off: CHANGES_SCHEDULE is empty)\n(none)\n" in status.stdout
 
-    assert deploy.run("--skip-test").returncode == 0  # on: created, enabled
-    off = deploy.run("--skip-test", CHANGES_SCHEDULE="")
+    quick = ("--deploy-only", "--skip-test")  # the triggers are all this is about
+    assert deploy.run(*quick).returncode == 0  # on: created, enabled
+    off = deploy.run(*quick, CHANGES_SCHEDULE="")
     assert off.returncode == 0, off.stderr
     [pause] = deploy.find("scheduler", "jobs", "pause")
     assert pause[3] == "anpi-call-changes-scheduler-job" and not deploy.find("delete")
     assert not deploy.find("scheduler", "jobs", "update", "http", "anpi-call-changes-scheduler-job")
     state = deploy.read_state()["resources"]
     assert state["scheduler-job/anpi-call-changes-scheduler-job"]["state"] == "pause"
-    assert deploy.run("--skip-test", CHANGES_SCHEDULE="").returncode == 0
+    assert deploy.run(*quick, CHANGES_SCHEDULE="").returncode == 0
     assert not deploy.find("pause")  # already paused
 
     # Day 2 with the quick runs off: pause/resume leave their trigger alone.
     resume = deploy.run("resume", CHANGES_SCHEDULE="")
     assert resume.returncode == 0 and [a[3] for a in deploy.find("resume")] == ["anpi-call-scheduler-job"]
 
-    on = deploy.run("--skip-test", CHANGES_SCHEDULE="*/5 * * * *")
+    on = deploy.run(*quick, CHANGES_SCHEDULE="*/5 * * * *")
     assert on.returncode == 0, on.stderr
     assert "--schedule=*/5 * * * *" in deploy.scheduler("anpi-call-changes-scheduler-job")
     assert "scheduler anpi-call-changes-scheduler-job is paused; ./deploy.sh resume restarts it" in on.stderr
