@@ -628,26 +628,23 @@ alert_channels() {
   printf '[%s]' "${names[*]}"
 }
 
-# Creates the policy in file $2 or, found by its display name $1, updates it when its
-# definition changed (the label anpi_spec holds a checksum of it). An unchanged policy is
-# left alone: an update restarts an absence condition, which then needs fresh data
-# before it can fire. A policy on a log-based metric created seconds ago is refused
+# Creates the policy in file $2 or, found by its display name $1 in POLICIES (the
+# listing: name, display name, anpi_spec), updates it when its definition changed (the
+# label anpi_spec holds a checksum of it). An unchanged policy is left alone: an update
+# restarts an absence condition, which then needs fresh data before it can fire. A policy on a log-based metric created seconds ago is refused
 # until Cloud Monitoring knows the metric: retried for METRIC_READY_SECONDS.
 ensure_policy() {
-  local display="$1" file="$2" spec text listing name="" spec_now="" each_name each_display each_spec
+  local display="$1" file="$2" spec text name="" spec_now="" each_name each_display each_spec
   spec="$(cksum <"${file}")"
   spec="${spec%% *}"
   text="$(<"${file}")"
   printf '%s\n' "${text//__SPEC__/${spec}}" >"${file}"
-  listing="$(query gcloud alpha monitoring policies list \
-    --format='value(name,displayName,userLabels.anpi_spec)' "${PROJECT_FLAGS[@]}")" ||
-    fail "cannot list the alert policies"
   while IFS=$'\t' read -r each_name each_display each_spec; do
     if [[ "${each_display}" == "${display}" ]]; then
       name="${each_name}" spec_now="${each_spec}"
       break
     fi
-  done <<<"${listing}"
+  done <<<"${POLICIES}"
   if [[ -z "${name}" ]]; then
     once_metric_is_known gcloud alpha monitoring policies create --policy-from-file="${file}" \
       "${PROJECT_FLAGS[@]}"
@@ -757,6 +754,11 @@ setup_alerts() {
     "$(condition_json "calls missed (one per call)" "${user_metric}/${JOB_NAME}-calls-missed\"")" \
     "Calls that users' settings wanted were MISSED: no complete run of ${JOB_NAME} or ${CHANGES_JOB_NAME} covered them, so those people were not called. The value in this notification is how many calls were missed in the 5 minutes it covers (one \`${MISSED_CALL_MESSAGE}\` line per call). First run \`./deploy.sh missed --since 24h\`: it lists each missed call (time, user_id, scheduled_at, masked phone), so that someone can reach those people. Then find why no run completed: \`./deploy.sh status\` and \`./deploy.sh logs --since 2h --severity WARNING\`." \
     >"${dir}/missed.json"
+  # Listed once: each policy has its own display name, so no write here changes what
+  # another one finds.
+  POLICIES="$(query gcloud alpha monitoring policies list \
+    --format='value(name,displayName,userLabels.anpi_spec)' "${PROJECT_FLAGS[@]}")" ||
+    fail "cannot list the alert policies"
   local i files=(failed absent invalid not-placed quick-failing missed)
   for i in "${!names[@]}"; do
     ensure_policy "${names[i]}" "${dir}/${files[i]}.json"
