@@ -190,8 +190,8 @@ def test_the_project_is_google_cloud_project_or_gcloud_s_own(deploy: Deploy) -> 
     assert error == ("[deploy] error: no project: set GOOGLE_CLOUD_PROJECT (deploy.env or the"
                      " environment) or run gcloud config set project PROJECT_ID")  # fmt: skip
     assert [c["argv"][:2] for c in deploy.calls()] == [["auth", "list"], ["config", "get"]]
-    deploy.set_state(config_project="anpi-prod")
-    configured = deploy.run("--skip-test", GOOGLE_CLOUD_PROJECT="<unset>")
+    deploy.set_state(config_project="anpi-prod", resources={"queue/anpi-call-queue": {}})
+    configured = deploy.run("--deploy-only", "--skip-test", GOOGLE_CLOUD_PROJECT="<unset>")
     assert configured.returncode == 0, configured.stderr
     assert "project anpi-prod (gcloud config; GOOGLE_CLOUD_PROJECT is not set)" in configured.stderr
     assert container_env(deploy.rendered_job())["GOOGLE_CLOUD_PROJECT"] == "anpi-prod"
@@ -400,7 +400,7 @@ def test_deploy_only(deploy: Deploy) -> None:
 def test_deploy_only_stops_when_a_queue_the_shards_need_is_missing(deploy: Deploy) -> None:
     """TASK_COUNT=4 on one queue so far: before building or deploying anything, it names
     the missing queues and the command that creates them; only describes ran."""
-    assert deploy.run("--infrastructure-only").returncode == 0
+    deploy.set_state(resources={"queue/anpi-call-queue": {}})
     for flags in (["--deploy-only"], ["--deploy-only", "--dry-run"]):
         result = deploy.run(*flags, TASK_COUNT="4")
         assert result.returncode == 1
@@ -882,7 +882,8 @@ def test_status_exits_1_when_a_section_could_not_be_read(deploy: Deploy) -> None
     sections = nothing.stdout.count("\n== ")
     assert nothing.stderr.count("] could not read ") == 6  # 2 jobs, 2 triggers, queue, its tasks
     assert f"status: 6 of {sections} section(s) could not be read" in nothing.stderr.splitlines()[-1]
-    assert deploy.run("--skip-test").returncode == 0
+    deploy.set_state(resources={"queue/anpi-call-queue": {}})
+    assert deploy.run("--deploy-only", "--skip-test").returncode == 0
     deploy.set_state(faults={"deny": ["alpha monitoring policies list"]})
     denied = deploy.run("status")
     assert denied.returncode == 1 and "could not read alert policies" in denied.stderr
