@@ -26,26 +26,35 @@ from __future__ import annotations
 import json
 import os
 import re
-import runpy
 import sys
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-CLI_TREE_SOURCE = Path("/usr/lib/google-cloud-sdk/data/cli/gcloud_completions.py")
+if TYPE_CHECKING:  # not imported at run time: this starts once per gcloud call
+    from pathlib import Path
+    from typing import Any
+
+CLI_TREE_SOURCE = "/usr/lib/google-cloud-sdk/data/cli/gcloud_completions.py"
 # The groups deploy.sh may use; a command outside them is unknown to this fake.
 GROUPS = ("services", "iam", "projects", "secrets", "tasks", "artifacts", "builds", "run",
           "scheduler", "logging", "monitoring", "auth", "config")  # fmt: skip
 TRACK_GROUPS = {"alpha": ("monitoring",), "beta": ("monitoring",)}
 
 
+def read(path: str) -> str:
+    with open(path) as file:
+        return file.read()
+
+
 def write_tree(path: Path) -> None:
     """Save the pruned command and flag tree of the installed Google Cloud CLI."""
-    if not CLI_TREE_SOURCE.exists():
+    if not os.path.exists(CLI_TREE_SOURCE):
         raise RuntimeError(
             f"{CLI_TREE_SOURCE} is missing: install the Google Cloud CLI"
             " (apt-get install google-cloud-cli) to check deploy.sh's gcloud calls"
         )
-    tree = runpy.run_path(str(CLI_TREE_SOURCE))["STATIC_COMPLETION_CLI_TREE"]
+    import runpy
+
+    tree = runpy.run_path(CLI_TREE_SOURCE)["STATIC_COMPLETION_CLI_TREE"]
     commands = {name: tree["commands"][name] for name in GROUPS}
     for track, groups in TRACK_GROUPS.items():
         track_commands = tree["commands"][track]["commands"]
@@ -120,8 +129,8 @@ KINDS = {
 
 
 def main(argv: list[str]) -> int:
-    state_path = Path(os.environ["FAKE_GCLOUD_STATE"])
-    state: dict[str, Any] = json.loads(state_path.read_text()) if state_path.exists() else {}
+    state_path = os.environ["FAKE_GCLOUD_STATE"]
+    state: dict[str, Any] = json.loads(read(state_path)) if os.path.exists(state_path) else {}
     resources: dict[str, dict[str, Any]] = state.setdefault("resources", {})
     faults: dict[str, Any] = state.setdefault("faults", {})
     record: dict[str, Any] = {"argv": argv}
@@ -130,14 +139,15 @@ def main(argv: list[str]) -> int:
         record["rc"] = rc
         with open(os.environ["FAKE_GCLOUD_LOG"], "a") as log:
             log.write(json.dumps(record) + "\n")
-        state_path.write_text(json.dumps(state))
+        with open(state_path, "w") as file:
+            file.write(json.dumps(state))
         if out:
             print(out)
         if err:
             print(err, file=sys.stderr)
         return rc
 
-    tree = json.loads(Path(os.environ["FAKE_GCLOUD_TREE"]).read_text())
+    tree = json.loads(read(os.environ["FAKE_GCLOUD_TREE"]))
     if problem := cli_problem(argv, tree):
         record["invalid"] = problem
         return done(2, err=f"ERROR: (gcloud) {problem}")
@@ -206,7 +216,7 @@ def main(argv: list[str]) -> int:
     if kind == "secret" and verb == "versions":
         return done(0, out="projects/p/secrets/s/versions/7")
     if kind == "run-job" and verb == "replace":
-        record["file"] = Path(rest[0]).read_text()
+        record["file"] = read(rest[0])
         name = re.search(r"^  name: \"?([^\"\s]+)", record["file"], re.M)
         resources[f"run-job/{name[1] if name else '?'}"] = {"file": record["file"]}
         return done(0)
@@ -314,7 +324,7 @@ def policies(verb: str, argv: list[str], state: dict[str, Any], record: dict[str
             return done(0, out="\n".join(lines))
         return done(0, out="\n".join(n for n, _ in found))
     source = flag(argv, "policy-from-file")
-    record["file"] = Path(source).read_text() if source else ""
+    record["file"] = read(source) if source else ""
     policy = json.loads(record["file"])
     faults = state["faults"]
     if faults.get("metric_not_ready", 0) > 0:
