@@ -1194,6 +1194,8 @@ rollback() {
     call gcloud run jobs update "${job}" --image="${IMAGE_REPO}:${tag}" --region="${REGION}" \
       "${PROJECT_FLAGS[@]}" || fail "job ${job} could not be moved to ${tag}; run ./deploy.sh rollback ${tag} again"
   done
+  log "an image from before main.py --changes fails every quick run; then stop them with" \
+    "gcloud scheduler jobs pause ${CHANGES_SCHEDULER_JOB_NAME} --location=${REGION} --project=${GOOGLE_CLOUD_PROJECT}"
 }
 
 main() {

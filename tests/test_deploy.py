@@ -869,6 +869,9 @@ def test_day_two_commands(deploy: Deploy) -> None:
     assert all("--image=asia-northeast1-docker.pkg.dev/anpi-prod/anpi/anpi-call-scheduler:abc1234" in u
                for u in updates)  # fmt: skip
     assert f"to undo this rollback: ./deploy.sh rollback {image.rsplit(':', 1)[1]}" in rolled.stderr
+    assert ("an image from before main.py --changes fails every quick run; then stop them with gcloud scheduler"
+            " jobs pause anpi-call-changes-scheduler-job --location=asia-northeast1 --project=anpi-prod"
+            ) in rolled.stderr  # fmt: skip
     missing = deploy.run("rollback", "nosuchtag")
     assert missing.returncode == 1 and "no image" in missing.stderr
     assert not deploy.find("run", "jobs", "update")
