@@ -10,11 +10,15 @@ Every call is appended to $FAKE_GCLOUD_LOG as one JSON line ({"argv": [...], "rc
 plus "file": the contents of a file passed to `run jobs replace` or `--policy-from-file`).
 Resource state lives in $FAKE_GCLOUD_STATE (JSON): describe fails with NOT_FOUND until
 the resource is created, create of an existing one fails with ALREADY_EXISTS, as gcloud
-does. Faults, set by a test in the state's "faults": "deny" (command prefixes answered
+does; `scheduler jobs describe --format=value(state)` answers ENABLED or PAUSED (after
+`pause`). gcloud's own login and project: `auth list` answers the account "deployer@example.com"
+unless the state's "logged_out" is true (then nothing, as real gcloud does); `config get
+project` answers the state's "config_project" (unset by default: "(unset)" on stderr). Faults, set by a test in the state's "faults": "deny" (command prefixes answered
 PERMISSION_DENIED), "disabled" (command prefixes answered SERVICE_DISABLED, an API not
 enabled yet), "iam_not_yet" (that many IAM bindings fail with "does not exist" first),
 "metric_not_ready" (that many policy writes fail with "Cannot find metric(s)" first),
-"execute_fail" (that many executions fail first; -1: all).
+"execute_fail" (that many executions fail first; -1: all). `logging read` answers from
+the state's "log_entries" when a test sets them (see read_logs).
 """
 
 from __future__ import annotations
@@ -22,26 +26,35 @@ from __future__ import annotations
 import json
 import os
 import re
-import runpy
 import sys
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-CLI_TREE_SOURCE = Path("/usr/lib/google-cloud-sdk/data/cli/gcloud_completions.py")
+if TYPE_CHECKING:  # not imported at run time: this starts once per gcloud call
+    from pathlib import Path
+    from typing import Any
+
+CLI_TREE_SOURCE = "/usr/lib/google-cloud-sdk/data/cli/gcloud_completions.py"
 # The groups deploy.sh may use; a command outside them is unknown to this fake.
 GROUPS = ("services", "iam", "projects", "secrets", "tasks", "artifacts", "builds", "run",
-          "scheduler", "logging", "monitoring")  # fmt: skip
+          "scheduler", "logging", "monitoring", "auth", "config")  # fmt: skip
 TRACK_GROUPS = {"alpha": ("monitoring",), "beta": ("monitoring",)}
+
+
+def read(path: str) -> str:
+    with open(path) as file:
+        return file.read()
 
 
 def write_tree(path: Path) -> None:
     """Save the pruned command and flag tree of the installed Google Cloud CLI."""
-    if not CLI_TREE_SOURCE.exists():
+    if not os.path.exists(CLI_TREE_SOURCE):
         raise RuntimeError(
             f"{CLI_TREE_SOURCE} is missing: install the Google Cloud CLI"
             " (apt-get install google-cloud-cli) to check deploy.sh's gcloud calls"
         )
-    tree = runpy.run_path(str(CLI_TREE_SOURCE))["STATIC_COMPLETION_CLI_TREE"]
+    import runpy
+
+    tree = runpy.run_path(CLI_TREE_SOURCE)["STATIC_COMPLETION_CLI_TREE"]
     commands = {name: tree["commands"][name] for name in GROUPS}
     for track, groups in TRACK_GROUPS.items():
         track_commands = tree["commands"][track]["commands"]
@@ -116,8 +129,8 @@ KINDS = {
 
 
 def main(argv: list[str]) -> int:
-    state_path = Path(os.environ["FAKE_GCLOUD_STATE"])
-    state: dict[str, Any] = json.loads(state_path.read_text()) if state_path.exists() else {}
+    state_path = os.environ["FAKE_GCLOUD_STATE"]
+    state: dict[str, Any] = json.loads(read(state_path)) if os.path.exists(state_path) else {}
     resources: dict[str, dict[str, Any]] = state.setdefault("resources", {})
     faults: dict[str, Any] = state.setdefault("faults", {})
     record: dict[str, Any] = {"argv": argv}
@@ -126,14 +139,15 @@ def main(argv: list[str]) -> int:
         record["rc"] = rc
         with open(os.environ["FAKE_GCLOUD_LOG"], "a") as log:
             log.write(json.dumps(record) + "\n")
-        state_path.write_text(json.dumps(state))
+        with open(state_path, "w") as file:
+            file.write(json.dumps(state))
         if out:
             print(out)
         if err:
             print(err, file=sys.stderr)
         return rc
 
-    tree = json.loads(Path(os.environ["FAKE_GCLOUD_TREE"]).read_text())
+    tree = json.loads(read(os.environ["FAKE_GCLOUD_TREE"]))
     if problem := cli_problem(argv, tree):
         record["invalid"] = problem
         return done(2, err=f"ERROR: (gcloud) {problem}")
@@ -155,6 +169,13 @@ def main(argv: list[str]) -> int:
             1, err=f"ERROR: (gcloud) INVALID_ARGUMENT: Service account {member} does not exist."
         )
 
+    if words[:2] == ["auth", "list"]:
+        if state.get("logged_out"):
+            return done(0, err="No credentialed accounts.\n\nTo login, run:\n  $ gcloud auth login `ACCOUNT`")
+        return done(0, out="deployer@example.com")
+    if words[:3] == ["config", "get", "project"]:
+        project = state.get("config_project", "")
+        return done(0, out=project) if project else done(0, err="(unset)")
     if words[:2] == ["services", "enable"]:
         state.setdefault("apis", []).extend(words[2:])
         return done(0)
@@ -184,7 +205,9 @@ def main(argv: list[str]) -> int:
         depth = resources[f"queue/{queue}"].get("depth", 0)
         return done(0, out="\n".join(f"task-{i}" for i in range(depth)))
     if words[:2] == ["logging", "read"]:
-        return done(0, out="2026-12-02T09:00:01Z\tINFO\trun started")
+        if "log_entries" not in state:
+            return done(0, out="2026-12-02T09:00:01Z\tINFO\trun started")
+        return done(0, out=read_logs(state["log_entries"], words[2], flag(argv, "format") or ""))
     if words[:4] == ["run", "jobs", "executions", "list"]:
         return done(0, out="anpi-call-create-task-job-abcde  2026-12-02T09:00:00Z  1  0")
     if words[1:3] == ["monitoring", "channels"]:
@@ -199,7 +222,7 @@ def main(argv: list[str]) -> int:
     if kind == "secret" and verb == "versions":
         return done(0, out="projects/p/secrets/s/versions/7")
     if kind == "run-job" and verb == "replace":
-        record["file"] = Path(rest[0]).read_text()
+        record["file"] = read(rest[0])
         name = re.search(r"^  name: \"?([^\"\s]+)", record["file"], re.M)
         resources[f"run-job/{name[1] if name else '?'}"] = {"file": record["file"]}
         return done(0)
@@ -226,6 +249,8 @@ def main(argv: list[str]) -> int:
     exists = key in resources or (kind == "secret" and name in state.get("secrets", []))
     not_found = f"ERROR: (gcloud.{'.'.join(prefix)}.{verb}) NOT_FOUND: {kind} {name} not found"
     if verb == "describe":
+        if exists and kind == "scheduler-job" and flag(argv, "format") == "value(state)":
+            return done(0, out="PAUSED" if resources[key].get("state") == "pause" else "ENABLED")
         if exists:
             image = re.search(r"- image: \"?([^\"\s]+)", resources[key].get("file", ""))
             return done(0, out=image[1] if image else f"name: {name}")
@@ -252,6 +277,29 @@ def main(argv: list[str]) -> int:
         )
         return done(0)
     return done(2, err=f"fake gcloud: unknown command {argv}")
+
+
+def read_logs(entries: list[dict[str, Any]], query: str, form: str) -> str:
+    """`logging read` over the state's "log_entries" (kept newest first): the entries of
+    the jobs the query names whose message holds its jsonPayload.message:"..." text, as
+    --format=value(field,...) prints them (tab-separated, dotted paths)."""
+    jobs = re.findall(r'resource\.labels\.job_name="([^"]*)"', query)
+    message = quoted(query, "jsonPayload.message")
+    fields = re.fullmatch(r"value\((.*)\)", form)
+    lines = []
+    for entry in entries:
+        if jobs and entry["resource"]["labels"]["job_name"] not in jobs:
+            continue
+        if message and message[1] not in entry["jsonPayload"]["message"]:
+            continue
+        values = []
+        for path in fields[1].split(",") if fields else []:
+            value: Any = entry
+            for key in path.split("."):
+                value = value.get(key, "") if isinstance(value, dict) else ""
+            values.append(str(value))
+        lines.append("\t".join(values))
+    return "\n".join(lines)
 
 
 def channels(verb: str, argv: list[str], state: dict[str, Any], done: Any) -> int:
@@ -284,7 +332,7 @@ def policies(
             return done(0, out="\n".join(lines))
         return done(0, out="\n".join(n for n, _ in found))
     source = flag(argv, "policy-from-file")
-    record["file"] = Path(source).read_text() if source else ""
+    record["file"] = read(source) if source else ""
     policy = json.loads(record["file"])
     faults = state["faults"]
     if faults.get("metric_not_ready", 0) > 0:

@@ -36,16 +36,13 @@ SETTINGS = {
     "ANPI_CALL_URL": "https://webhook.example.com/call",
     "IAM_WAIT_SECONDS": "0",  # no real IAM to wait for
 }
-READ_ONLY = {"describe", "list", "versions", "get-default-service-account", "read"}
+READ_ONLY = {"describe", "list", "versions", "get-default-service-account", "read", "get"}
 RUNTIME_SA = "serviceAccount:anpi-call-job@anpi-prod.iam.gserviceaccount.com"
 SCHEDULER_SA = "anpi-call-scheduler@anpi-prod.iam.gserviceaccount.com"
 BUILD_SA = "serviceAccount:123-compute@developer.gserviceaccount.com"
-QUEUE_ROLES = (
-    "roles/cloudtasks.enqueuer",
-    "roles/cloudtasks.viewer",
-    "roles/cloudtasks.taskDeleter",
-)
+QUEUE_ROLES = ("roles/cloudtasks.enqueuer", "roles/cloudtasks.viewer", "roles/cloudtasks.taskDeleter")
 JOB = "anpi-call-create-task-job"
+CHANGES_JOB = "anpi-call-changes-job"
 
 
 @pytest.fixture(scope="session")
@@ -66,9 +63,7 @@ class Deploy:
         bin_dir = tmp / "bin"
         bin_dir.mkdir()
         gcloud = bin_dir / "gcloud"
-        gcloud.write_text(
-            f'#!/bin/sh\nexec {sys.executable} {ROOT / "tests" / "fake_gcloud.py"} "$@"\n'
-        )
+        gcloud.write_text(f"#!/bin/sh\nexec {sys.executable} {ROOT / 'tests' / 'fake_gcloud.py'} \"$@\"\n")
         gcloud.chmod(0o755)
         self.log = tmp / "gcloud.log"
         self.state = tmp / "gcloud.json"
@@ -118,11 +113,18 @@ class Deploy:
     def bindings(self) -> set[tuple[str, ...]]:
         return {tuple(b) for b in self.read_state().get("bindings", [])}
 
-    def rendered_job(self) -> dict[str, Any]:
-        [replace] = [c for c in self.calls() if c["argv"][:3] == ["run", "jobs", "replace"]]
-        assert "__" not in replace["file"]
-        job: dict[str, Any] = yaml.safe_load(replace["file"])
-        return job
+    def rendered_job(self, name: str = JOB) -> dict[str, Any]:
+        """The job.yaml deploy.sh rendered for job `name` in its last run."""
+        replaces = [c for c in self.calls() if c["argv"][:3] == ["run", "jobs", "replace"]]
+        jobs = [yaml.safe_load(c["file"]) for c in replaces]
+        assert all("__" not in c["file"] for c in replaces)
+        [job] = [j for j in jobs if j["metadata"]["name"] == name]
+        return dict(job)
+
+    def scheduler(self, name: str) -> list[str]:
+        """The one `scheduler jobs create|update http NAME` of the last run."""
+        [argv] = [a for a in self.find("scheduler", "jobs", "http") if a[4] == name]
+        return argv
 
 
 def container_env(job: dict[str, Any]) -> dict[str, Any]:
@@ -142,17 +144,10 @@ def test_the_tree_check_refuses_what_real_gcloud_refuses(cli_tree: Path, deploy:
     tree = json.loads(cli_tree.read_text())
     assert cli_problem(["run", "jobs", "execute", "j", "--region=r", "--wait"], tree) is None
     assert cli_problem(["run", "jobs", "execute", "j", "--no-wait"], tree) is None
-    assert (
-        cli_problem(["scheduler", "jobs", "create", "http", "j", "--http-method=POST"], tree)
-        is None
-    )
-    assert "unrecognized flag --bogus" in str(
-        cli_problem(["run", "jobs", "execute", "j", "--bogus=1"], tree)
-    )
+    assert cli_problem(["scheduler", "jobs", "create", "http", "j", "--http-method=POST"], tree) is None
+    assert "unrecognized flag --bogus" in str(cli_problem(["run", "jobs", "execute", "j", "--bogus=1"], tree))
     assert "invalid choice 'lanch'" in str(cli_problem(["run", "jobs", "lanch", "j"], tree))
-    assert "not one of" in str(
-        cli_problem(["scheduler", "jobs", "create", "http", "j", "--http-method=FETCH"], tree)
-    )
+    assert "not one of" in str(cli_problem(["scheduler", "jobs", "create", "http", "j", "--http-method=FETCH"], tree))
     assert "takes no value" in str(cli_problem(["run", "jobs", "execute", "j", "--wait=yes"], tree))
     assert "command group" in str(cli_problem(["run", "jobs"], tree))
     assert "invalid choice 'policies' for gcloud monitoring" in str(
@@ -169,26 +164,58 @@ def test_the_tree_check_refuses_what_real_gcloud_refuses(cli_tree: Path, deploy:
 
 
 def test_missing_settings_fail_fast_naming_each(deploy: Deploy) -> None:
-    result = deploy.run(
-        GOOGLE_CLOUD_PROJECT="<unset>", ANPI_CALL_URL="<unset>", DB_PASSWORD_SECRET=""
-    )
+    result = deploy.run(CLOUD_SQL_INSTANCE="<unset>", ANPI_CALL_URL="<unset>", DB_PASSWORD_SECRET="")
     assert result.returncode != 0
-    for name in ("GOOGLE_CLOUD_PROJECT", "ANPI_CALL_URL", "DB_PASSWORD_SECRET"):
+    for name in ("CLOUD_SQL_INSTANCE", "ANPI_CALL_URL", "DB_PASSWORD_SECRET"):
         assert name in result.stderr
     assert deploy.calls() == []
+
+
+@pytest.mark.parametrize("command", [["--dry-run"], ["status"]])
+def test_without_a_gcloud_login_one_line_says_to_log_in(deploy: Deploy, command: list[str]) -> None:
+    """Checked before anything else, --dry-run and the day-2 commands included, instead
+    of failing later on a describe with gcloud's login hint buried in its error."""
+    deploy.set_state(logged_out=True)
+    result = deploy.run(*command)
+    assert result.returncode == 1
+    [error] = [line for line in result.stderr.splitlines() if not line.startswith("+ gcloud ")]
+    assert error == "[deploy] error: gcloud has no active account: run gcloud auth login"
+    assert [c["argv"][:2] for c in deploy.calls()] == [["auth", "list"]]
+
+
+def test_the_project_is_google_cloud_project_or_gcloud_s_own(deploy: Deploy) -> None:
+    none = deploy.run("--dry-run", GOOGLE_CLOUD_PROJECT="<unset>")
+    assert none.returncode == 1
+    [error] = [line for line in none.stderr.splitlines() if not line.startswith("+ gcloud ")]
+    assert error == ("[deploy] error: no project: set GOOGLE_CLOUD_PROJECT (deploy.env or the"
+                     " environment) or run gcloud config set project PROJECT_ID")  # fmt: skip
+    assert [c["argv"][:2] for c in deploy.calls()] == [["auth", "list"], ["config", "get"]]
+    deploy.set_state(config_project="anpi-prod", resources={"queue/anpi-call-queue": {}})
+    configured = deploy.run("--deploy-only", "--skip-test", GOOGLE_CLOUD_PROJECT="<unset>")
+    assert configured.returncode == 0, configured.stderr
+    assert "project anpi-prod (gcloud config; GOOGLE_CLOUD_PROJECT is not set)" in configured.stderr
+    assert container_env(deploy.rendered_job())["GOOGLE_CLOUD_PROJECT"] == "anpi-prod"
+    assert all("--project=anpi-prod" in argv for argv in deploy.mutating() if argv[0] != "projects")
+    # GOOGLE_CLOUD_PROJECT wins, and gcloud is not asked.
+    deploy.run("status", GOOGLE_CLOUD_PROJECT="other")
+    assert not deploy.find("config") and deploy.find("--project=other")
 
 
 def test_malformed_settings_fail_fast(deploy: Deploy) -> None:
     result = deploy.run(CLOUD_SQL_INSTANCE="anpi-db", ANPI_CALL_URL="http://x/call",
                         ALERT_EMAIL="ops@example.com, nobody", DB_NAME="a\nb")  # fmt: skip
     assert result.returncode != 0
-    for name in (
-        "CLOUD_SQL_INSTANCE",
-        "ANPI_CALL_URL",
-        "'nobody' is not an email",
-        "DB_NAME holds",
-    ):
+    for name in ("CLOUD_SQL_INSTANCE", "ANPI_CALL_URL", "'nobody' is not an email", "DB_NAME holds"):
         assert name in result.stderr
+    assert deploy.calls() == []
+    # The quick-run job and trigger must not replace the hourly ones.
+    same = deploy.run(CHANGES_JOB_NAME=JOB, CHANGES_SCHEDULER_JOB_NAME="anpi-call-scheduler-job",
+                      CHANGES_SCHEDULE="* * *")  # fmt: skip
+    assert same.returncode == 1
+    for problem in ("CHANGES_JOB_NAME must differ from JOB_NAME",
+                    "CHANGES_SCHEDULER_JOB_NAME must differ from SCHEDULER_JOB_NAME",
+                    "CHANGES_SCHEDULE must be a cron schedule of 5 fields, or empty"):  # fmt: skip
+        assert problem in same.stderr
     assert deploy.calls() == []
 
 
@@ -209,15 +236,14 @@ def test_first_full_run(deploy: Deploy) -> None:
         assert setting in queue
 
     bindings = deploy.bindings()
-    assert (
-        "secret",
-        "anpi-db-password",
-        RUNTIME_SA,
-        "roles/secretmanager.secretAccessor",
-    ) in bindings
+    assert ("secret", "anpi-db-password", RUNTIME_SA, "roles/secretmanager.secretAccessor") in bindings
     for role in QUEUE_ROLES:
         assert ("queue", "anpi-call-queue", RUNTIME_SA, role) in bindings
-    assert ("run-job", JOB, f"serviceAccount:{SCHEDULER_SA}", "roles/run.invoker") in bindings
+    # The scheduler's account may run both jobs, and nothing more (no runWithOverrides).
+    assert {b for b in bindings if b[2] == f"serviceAccount:{SCHEDULER_SA}"} == {
+        ("run-job", JOB, f"serviceAccount:{SCHEDULER_SA}", "roles/run.invoker"),
+        ("run-job", CHANGES_JOB, f"serviceAccount:{SCHEDULER_SA}", "roles/run.invoker"),
+    }
     # Cloud Build's account: push to the repository only, logs and source on the project.
     assert ("repository", "anpi", BUILD_SA, "roles/artifactregistry.writer") in bindings
     # Least privilege: nothing else on the project, no invoker on the project.
@@ -227,21 +253,27 @@ def test_first_full_run(deploy: Deploy) -> None:
         ("project", "anpi-prod", BUILD_SA, "roles/storage.objectViewer"),
     }
 
-    [scheduler] = deploy.find("scheduler", "jobs", "create", "http")
-    assert "anpi-call-scheduler-job" in scheduler
-    assert "--schedule=0 * * * *" in scheduler
-    assert "--time-zone=Asia/Tokyo" in scheduler
-    assert (
-        "--uri=https://asia-northeast1-run.googleapis.com/apis/run.googleapis.com/v1/"
-        f"namespaces/anpi-prod/jobs/{JOB}:run"
-    ) in scheduler
-    assert f"--oauth-service-account-email={SCHEDULER_SA}" in scheduler
-    assert not [a for a in scheduler if a.startswith("--oidc")]
+    # Two triggers: the hourly run, and the quick run every minute, each of its own job.
+    assert len(deploy.find("scheduler", "jobs", "create", "http")) == 2
+    for name, schedule, job in (("anpi-call-scheduler-job", "0 * * * *", JOB),
+                                ("anpi-call-changes-scheduler-job", "* * * * *", CHANGES_JOB)):  # fmt: skip
+        scheduler = deploy.scheduler(name)
+        assert scheduler[2] == "create" and f"--schedule={schedule}" in scheduler
+        assert "--time-zone=Asia/Tokyo" in scheduler
+        assert (
+            "--uri=https://asia-northeast1-run.googleapis.com/apis/run.googleapis.com/v1/"
+            f"namespaces/anpi-prod/jobs/{job}:run"
+        ) in scheduler
+        assert f"--oauth-service-account-email={SCHEDULER_SA}" in scheduler
+        assert not [a for a in scheduler if a.startswith(("--oidc", "--message-body"))]  # no overrides
 
-    # The smoke test: --check (database, grants, every row), then --dry-run (the queue).
-    check, dry = deploy.find("run", "jobs", "execute")
-    assert "--args=--check" in check and "--wait" in check
-    assert "--args=--dry-run" in dry and "--wait" in dry
+    # The smoke test: --check (database, grants, every row), then --dry-run (the queue),
+    # then one quick run of the quick-run job as it is (its own args, no override).
+    check, dry, changes = deploy.find("run", "jobs", "execute")
+    assert check[3] == JOB and "--args=--check" in check and "--wait" in check
+    assert dry[3] == JOB and "--args=--dry-run" in dry and "--wait" in dry
+    assert changes[3] == CHANGES_JOB and "--wait" in changes
+    assert not [a for a in changes if a.startswith("--args")]
 
     # Order: APIs, accounts, queue, repository, image, job, scheduler, alerts, smoke test.
     order = [c["argv"] for c in deploy.calls() if not READ_ONLY & set(c["argv"])]
@@ -252,9 +284,7 @@ def test_first_full_run(deploy: Deploy) -> None:
     assert firsts == sorted(firsts)
     assert order[-1][:3] == ["run", "jobs", "execute"]
     # Every command is printed before it runs.
-    assert result.stderr.count("\n+ gcloud ") + result.stderr.startswith("+ gcloud ") >= len(
-        deploy.calls()
-    )
+    assert result.stderr.count("\n+ gcloud ") + result.stderr.startswith("+ gcloud ") >= len(deploy.calls())
 
 
 def test_rendered_job_yaml(deploy: Deploy) -> None:
@@ -270,12 +300,11 @@ def test_rendered_job_yaml(deploy: Deploy) -> None:
     assert execution["spec"]["taskCount"] == 1 and execution["spec"]["parallelism"] == 1
     task = execution["spec"]["template"]["spec"]
     assert task["serviceAccountName"] == RUNTIME_SA.split(":")[1]
-    assert task["maxRetries"] >= 1
-    assert task["timeoutSeconds"] > 0
+    assert task["maxRetries"] == 2
+    assert task["timeoutSeconds"] == 1800
     [container] = task["containers"]
-    assert container["image"].startswith(
-        "asia-northeast1-docker.pkg.dev/anpi-prod/anpi/anpi-call-scheduler:"
-    )
+    assert not container.get("args")
+    assert container["image"].startswith("asia-northeast1-docker.pkg.dev/anpi-prod/anpi/anpi-call-scheduler:")
     env = container_env(job)
     assert env["INSTANCE_CONNECTION_NAME"] == "anpi-prod:asia-northeast1:anpi-db"
     assert env["DB_PASSWORD"] == {"secretKeyRef": {"name": "anpi-db-password", "key": "7"}}
@@ -285,6 +314,18 @@ def test_rendered_job_yaml(deploy: Deploy) -> None:
     # Every variable job.yaml sets is one the job reads.
     source = (ROOT / "main.py").read_text()
     assert [name for name in env if f'"{name}"' not in source] == []
+
+    # The quick-run job: the same job but for its args, its name, no retry (the next
+    # minute's run is its retry) and a shorter timeout.
+    quick = deploy.rendered_job(CHANGES_JOB)
+    quick_task = quick["spec"]["template"]["spec"]["template"]["spec"]
+    [quick_container] = quick_task["containers"]
+    assert quick_container.pop("args") == ["--changes"]
+    assert (quick_task.pop("maxRetries"), quick_task.pop("timeoutSeconds")) == (0, 300)
+    assert quick["metadata"].pop("name") == CHANGES_JOB
+    container.pop("args", None)
+    task.pop("maxRetries"), task.pop("timeoutSeconds"), job["metadata"].pop("name")
+    assert quick == job  # all the rest alike: image, env, taskCount, Cloud SQL annotation
 
 
 def test_values_survive_into_job_yaml_exactly(deploy: Deploy) -> None:
@@ -298,7 +339,7 @@ def test_values_survive_into_job_yaml_exactly(deploy: Deploy) -> None:
         "DEFAULT_TIMEZONE": "Asia/Tokyo # not a comment",
         "CLOUD_TASKS_QUEUE": "null",
     }
-    deploy.set_state(secrets=["no"])
+    deploy.set_state(secrets=["no"], resources={"queue/null": {}})
     result = deploy.run("--skip-test", "--deploy-only", **values)
     assert result.returncode == 0, result.stderr
     env = container_env(deploy.rendered_job())
@@ -317,9 +358,9 @@ def test_second_full_run_updates_without_a_rejected_create(deploy: Deploy) -> No
     assert not deploy.find("create")  # every resource existed: updated, not created
     assert deploy.find("tasks", "queues", "update")
     assert deploy.find("scheduler", "jobs", "update", "http")
-    assert len(deploy.find("logging", "metrics", "update")) == 2
+    assert len(deploy.find("logging", "metrics", "update")) == 3
     # Unchanged policies are left alone (an update would restart the absence condition).
-    assert not deploy.find("policies", "update") and second.stderr.count("is up to date") == 4
+    assert not deploy.find("policies", "update") and second.stderr.count("is up to date") == 6
 
 
 def test_dry_run_changes_nothing(deploy: Deploy) -> None:
@@ -339,25 +380,37 @@ def test_infrastructure_only(deploy: Deploy) -> None:
     assert deploy.find("tasks", "queues", "create")
     assert deploy.find("artifacts", "repositories", "create")
     assert deploy.find("alpha", "monitoring", "policies", "create")
-    assert (
-        not deploy.find("builds", "submit")
-        and not deploy.find("run", "jobs")
-        and not deploy.find("scheduler")
-    )
+    assert not deploy.find("builds", "submit") and not deploy.find("run", "jobs") and not deploy.find("scheduler")
 
 
 def test_deploy_only(deploy: Deploy) -> None:
     assert deploy.run("--infrastructure-only").returncode == 0
     result = deploy.run("--deploy-only")
     assert result.returncode == 0, result.stderr
-    assert (
-        not deploy.find("services")
-        and not deploy.find("tasks", "queues")
-        and not deploy.find("monitoring")
-    )
+    assert not deploy.find("services") and not deploy.find("monitoring")
+    assert [q[:4] for q in deploy.find("tasks", "queues")] == [["tasks", "queues", "describe", "anpi-call-queue"]]
     assert deploy.find("builds", "submit") and deploy.find("run", "jobs", "replace")
     assert deploy.find("scheduler", "jobs", "create", "http")
     assert deploy.find("run", "jobs", "execute")
+
+
+def test_deploy_only_stops_when_a_queue_the_shards_need_is_missing(deploy: Deploy) -> None:
+    """TASK_COUNT=4 on one queue so far: before building or deploying anything, it names
+    the missing queues and the command that creates them; only describes ran."""
+    deploy.set_state(resources={"queue/anpi-call-queue": {}})
+    for flags in (["--deploy-only"], ["--deploy-only", "--dry-run"]):
+        result = deploy.run(*flags, TASK_COUNT="4")
+        assert result.returncode == 1
+        assert result.stderr.splitlines()[-1] == (
+            "[deploy] error: --deploy-only: TASK_COUNT=4 QUEUE_PER_SHARD=1 needs queues that do not exist:"
+            " anpi-call-queue-0 anpi-call-queue-1 anpi-call-queue-2 anpi-call-queue-3; create them first"
+            " with ./deploy.sh --infrastructure-only (or run the full ./deploy.sh)"
+        )
+        assert deploy.mutating() == [] and not deploy.find("builds")
+    # One of the four exists: the other three are named.
+    deploy.set_state(resources={**deploy.read_state()["resources"], "queue/anpi-call-queue-0": {}})
+    assert "exist: anpi-call-queue-1 anpi-call-queue-2 anpi-call-queue-3;" in deploy.run(
+        "--deploy-only", TASK_COUNT="4").stderr  # fmt: skip
 
 
 def test_a_describe_that_is_denied_stops_the_script(deploy: Deploy) -> None:
@@ -366,10 +419,7 @@ def test_a_describe_that_is_denied_stops_the_script(deploy: Deploy) -> None:
     result = deploy.run()
     assert result.returncode == 1
     assert "PERMISSION_DENIED" in result.stderr  # gcloud's own error
-    assert (
-        "cannot tell whether it exists: gcloud tasks queues describe anpi-call-queue"
-        in result.stderr
-    )
+    assert "cannot tell whether it exists: gcloud tasks queues describe anpi-call-queue" in result.stderr
     assert not deploy.find("tasks", "queues", "create") and not deploy.find("builds")
 
 
@@ -387,10 +437,7 @@ def test_iam_retries_are_bounded(deploy: Deploy) -> None:
     deploy.set_state(faults={"iam_not_yet": 100})
     result = deploy.run("--infrastructure-only", IAM_RETRY_SECONDS="3")
     assert result.returncode == 1
-    assert (
-        "does not exist" in result.stderr
-        and "failed (after 3s of retries): gcloud projects add-iam-policy-binding" in result.stderr
-    )
+    assert "does not exist" in result.stderr and "failed (after 3s of retries): gcloud projects add-iam-policy-binding" in result.stderr
     assert len([c for c in deploy.calls() if "add-iam-policy-binding" in c["argv"]]) == 3  # 1+2 s
 
 
@@ -400,7 +447,7 @@ def test_the_smoke_test_waits_for_iam_and_retries_once(deploy: Deploy) -> None:
     assert result.returncode == 0, result.stderr
     assert "waiting 1s for the new IAM grants" in result.stderr
     assert "retrying once in 1s" in result.stderr
-    assert [c["rc"] for c in deploy.calls() if "execute" in c["argv"]] == [1, 0, 0]
+    assert [c["rc"] for c in deploy.calls() if "execute" in c["argv"]] == [1, 0, 0, 0]
 
 
 def test_skip_test_and_a_failing_smoke_test(deploy: Deploy) -> None:
@@ -417,15 +464,12 @@ def test_oidc_account_gets_service_account_user(deploy: Deploy) -> None:
     account = "anpi-call-invoker@anpi-prod.iam.gserviceaccount.com"
     deploy.set_state(resources={f"service-account/{account}": {}})
     assert deploy.run("--skip-test", TASKS_OIDC_SERVICE_ACCOUNT=account).returncode == 0
-    assert (
-        "service-account",
-        account,
-        RUNTIME_SA,
-        "roles/iam.serviceAccountUser",
-    ) in deploy.bindings()
+    assert ("service-account", account, RUNTIME_SA, "roles/iam.serviceAccountUser") in deploy.bindings()
 
 
 def test_image_tag_names_the_commit_and_an_uncommitted_tree(deploy: Deploy) -> None:
+    deploy.set_state(resources={"queue/anpi-call-queue": {}})
+
     def tag() -> str:
         assert deploy.run("--skip-test", "--deploy-only").returncode == 0
         [build] = deploy.find("builds", "submit")
@@ -441,9 +485,7 @@ def test_image_tag_names_the_commit_and_an_uncommitted_tree(deploy: Deploy) -> N
     assert tag() == sha
     (deploy.dir / "job.yaml").write_text((deploy.dir / "job.yaml").read_text() + "\n")
     dirty = tag()
-    assert dirty.startswith(f"{sha}-dirty-") and len(dirty) == len(sha) + len(
-        "-dirty-20261202T090000Z"
-    )
+    assert dirty.startswith(f"{sha}-dirty-") and len(dirty) == len(sha) + len("-dirty-20261202T090000Z")
 
 
 # -- deploy.env -------------------------------------------------------------------------
@@ -468,9 +510,7 @@ NOVALUE
 """.replace("<3 spaces>", "   ")
 
 
-def dotenv_as_deploy_reads_it(
-    tmp_path: Path, text: str, names: list[str]
-) -> dict[str, str | None] | None:
+def dotenv_as_deploy_reads_it(tmp_path: Path, text: str, names: list[str]) -> dict[str, str | None] | None:
     """Source deploy.sh and read `text` with its parser: name -> value (None: unset), or
     None when it refuses the file."""
     path = tmp_path / "deploy.env"
@@ -496,12 +536,8 @@ def test_deploy_env_is_read_as_python_dotenv_reads_it(tmp_path: Path) -> None:
 # ASCII and Japanese: Unicode spaces such as U+00A0 are whitespace to Python, not to
 # bash, and no setting holds one. Plus the pieces the rules are about.
 DOTENV_VALUES = st.lists(
-    st.text(
-        st.characters(min_codepoint=32, max_codepoint=126) | st.sampled_from("安否確認"), max_size=6
-    )
-    | st.sampled_from(
-        ["${V0}", "${V1:-d}", "${NONE}", "${X:-}", "\\n", "\\t", "\\\\", " #c", "#", "'", '"', " "]
-    ),
+    st.text(st.characters(min_codepoint=32, max_codepoint=126) | st.sampled_from("安否確認"), max_size=6)
+    | st.sampled_from(["${V0}", "${V1:-d}", "${NONE}", "${X:-}", "\\n", "\\t", "\\\\", " #c", "#", "'", '"', " "]),
     max_size=4,
 ).map("".join)
 
@@ -543,8 +579,7 @@ def test_deploy_env_file_wins_only_over_unset_variables(deploy: Deploy) -> None:
     env_only = {k: "<unset>" for k in SETTINGS if k not in ("DB_NAME", "IAM_WAIT_SECONDS")}
     result = deploy.run("--skip-test", **env_only, DB_NAME="from_env")
     assert result.returncode == 0, result.stderr
-    [scheduler] = deploy.find("scheduler", "jobs", "create", "http")
-    assert "--schedule=0 * * * *" in scheduler  # no quotes, no comment
+    assert "--schedule=0 * * * *" in deploy.scheduler("anpi-call-scheduler-job")  # no quotes, no comment
     env = container_env(deploy.rendered_job())
     assert env["ANPI_CALL_URL"] == "https://hook.example.com/call?a=1&b=2#frag"
     assert env["DB_USER"] == "anpi_job" and env["DB_NAME"] == "from_env"
@@ -554,11 +589,21 @@ def test_deploy_env_file_wins_only_over_unset_variables(deploy: Deploy) -> None:
 def test_help_and_unknown_flags(deploy: Deploy) -> None:
     helped = deploy.run("--help")
     assert helped.returncode == 0
-    for word in ("--infrastructure-only", "status", "logs [--since 2h] [--severity", "execute [--dry-run] [--wait]",
-                 "pause | resume", "rollback TAG"):  # fmt: skip
+    for word in ("--infrastructure-only", "status", "logs [--since 2h] [--severity", "execute [--dry-run | --changes] [--wait]",
+                 "pause | resume", "rollback TAG", "missed [--since 24h]"):  # fmt: skip
         assert word in helped.stdout
     assert deploy.run("--bogus").returncode != 0
     assert deploy.run("logs", "--bogus").returncode != 0
+    assert deploy.calls() == []
+
+
+def test_an_unknown_command_is_named_as_one(deploy: Deploy) -> None:
+    result = deploy.run("frobnicate")
+    assert result.returncode == 1
+    [line] = result.stderr.splitlines()
+    assert "unknown command: frobnicate" in line and "unknown flag" not in line
+    for command in ("deploy", "status", "logs", "missed", "execute", "pause", "resume", "rollback"):
+        assert command in line.split("commands:")[1]
     assert deploy.calls() == []
 
 
@@ -573,46 +618,51 @@ def test_alerts_are_created_once_and_updated_on_a_rerun(deploy: Deploy) -> None:
     policies = {p["displayName"]: p for p in state["policies"].values()}
     assert sorted(policies) == sorted([
         f"{JOB}: an execution failed", f"{JOB}: no successful execution for 2 hours",
-        f"{JOB}: rows became invalid", f"{JOB}: calls failed or were not attempted"])  # fmt: skip
+        f"{JOB}: rows became invalid", f"{JOB}: calls failed or were not attempted",
+        f"{JOB}: quick runs keep failing", f"{JOB}: calls were missed"])  # fmt: skip
     assert all(p["notificationChannels"] == [] for p in policies.values())
     assert all("./deploy.sh" in p["documentation"]["content"] for p in policies.values())
 
     [failed] = policies[f"{JOB}: an execution failed"]["conditions"]
-    assert (
-        'metric.type="run.googleapis.com/job/completed_execution_count"'
-        in failed["conditionThreshold"]["filter"]
-    )
+    assert 'metric.type="run.googleapis.com/job/completed_execution_count"' in failed["conditionThreshold"]["filter"]
     assert 'metric.labels.result="failed"' in failed["conditionThreshold"]["filter"]
     [absent] = policies[f"{JOB}: no successful execution for 2 hours"]["conditions"]
     assert absent["conditionAbsent"]["duration"] == "7200s"
     assert 'metric.labels.result="succeeded"' in absent["conditionAbsent"]["filter"]
     [invalid] = policies[f"{JOB}: rows became invalid"]["conditions"]
-    assert (
-        f"logging.googleapis.com/user/{JOB}-invalid-rows" in invalid["conditionThreshold"]["filter"]
-    )
-    metrics = {m[3]: m for m in deploy.find("logging", "metrics", "create")}
-    assert set(metrics) == {f"{JOB}-invalid-rows", f"{JOB}-calls-not-placed"}
+    assert f"logging.googleapis.com/user/{JOB}-invalid-rows" in invalid["conditionThreshold"]["filter"]
+    metrics = {m[3]: next(a for a in m if a.startswith("--log-filter=")) for m in deploy.find("metrics", "create")}
+    assert set(metrics) == {f"{JOB}-invalid-rows", f"{JOB}-calls-not-placed", f"{JOB}-calls-missed"}
+    # The log-based metrics count both jobs' lines; the execution policies of the hourly
+    # run are about the hourly job alone, and quick runs alert only when they keep failing.
+    both = f'(resource.labels.job_name="{JOB}" OR resource.labels.job_name="{CHANGES_JOB}")'
+    assert all(both in f for f in metrics.values())
+    for condition in (failed["conditionThreshold"], absent["conditionAbsent"]):
+        assert f'resource.labels.job_name="{JOB}" AND' in condition["filter"] and CHANGES_JOB not in condition["filter"]
+    [quick] = [c["conditionThreshold"] for c in policies[f"{JOB}: quick runs keep failing"]["conditions"]]
+    assert f'resource.labels.job_name="{CHANGES_JOB}" AND' in quick["filter"] and f'"{JOB}"' not in quick["filter"]
+    assert 'metric.labels.result="failed"' in quick["filter"]
+    assert (quick["thresholdValue"], quick["aggregations"][0]["alignmentPeriod"]) == (3, "900s")
+    missed = policies[f"{JOB}: calls were missed"]
+    [condition] = [c["conditionThreshold"] for c in missed["conditions"]]
+    assert f"logging.googleapis.com/user/{JOB}-calls-missed" in condition["filter"]
+    assert condition["thresholdValue"] == 0 and condition["aggregations"][0]["perSeriesAligner"] == "ALIGN_SUM"
+    doc = missed["documentation"]["content"]
+    assert "`./deploy.sh missed --since 24h`" in doc and "how many calls were missed" in doc
 
     # Rerun, now with two addresses (one repeated): two channels, the same four
     # policies, updated because their definition changed.
-    second = deploy.run(
-        "--infrastructure-only", ALERT_EMAIL="ops@example.com, oncall@example.com ops@example.com"
-    )
+    second = deploy.run("--infrastructure-only", ALERT_EMAIL="ops@example.com, oncall@example.com ops@example.com")
     assert second.returncode == 0, second.stderr
     assert len(deploy.find("beta", "monitoring", "channels", "create")) == 2
     assert not deploy.find("policies", "create") and not deploy.find("metrics", "create")
-    assert len(deploy.find("policies", "update")) == 4
+    assert len(deploy.find("policies", "update")) == 6
     state = deploy.read_state()
-    assert len(state["policies"]) == 4
+    assert len(state["policies"]) == 6
     channels = sorted(state["channels"].values())
     assert all(sorted(p["notificationChannels"]) == channels for p in state["policies"].values())
     # A third run reuses the channels and leaves the policies as they are.
-    assert (
-        deploy.run(
-            "--infrastructure-only", ALERT_EMAIL="ops@example.com,oncall@example.com"
-        ).returncode
-        == 0
-    )
+    assert deploy.run("--infrastructure-only", ALERT_EMAIL="ops@example.com,oncall@example.com").returncode == 0
     assert not deploy.find("channels", "create") and len(deploy.read_state()["channels"]) == 2
     assert not deploy.find("policies", "update")
 
@@ -622,7 +672,7 @@ def test_a_policy_waits_for_its_new_log_metric(deploy: Deploy) -> None:
     result = deploy.run("--infrastructure-only")
     assert result.returncode == 0, result.stderr
     assert result.stderr.count("the new log-based metric not ready yet") == 2
-    assert len(deploy.read_state()["policies"]) == 4
+    assert len(deploy.read_state()["policies"]) == 6
 
 
 @pytest.mark.parametrize("listing", ["beta monitoring channels list", "alpha monitoring policies list",
@@ -632,14 +682,12 @@ def test_a_failed_listing_stops_the_script(deploy: Deploy, listing: str) -> None
     no "0 pending tasks, delete it"."""
     assert deploy.run("--skip-test", TASK_COUNT="3", ALERT_EMAIL="ops@example.com").returncode == 0
     deploy.set_state(faults={"deny": [listing]})
-    result = deploy.run(
-        "--skip-test", TASK_COUNT="2", ALERT_EMAIL="ops@example.com"
-    )  # queue-2 left over
+    result = deploy.run("--skip-test", TASK_COUNT="2", ALERT_EMAIL="ops@example.com")  # queue-2 left over
     assert result.returncode == 1 and "PERMISSION_DENIED" in result.stderr
     assert not deploy.find("create")
     if listing.startswith("tasks"):
         assert "no longer used" not in result.stderr  # never "0 pending tasks, delete it"
-    assert len(deploy.read_state()["channels"]) == 1 and len(deploy.read_state()["policies"]) == 4
+    assert len(deploy.read_state()["channels"]) == 1 and len(deploy.read_state()["policies"]) == 6
 
 
 def test_a_dry_run_on_a_project_whose_apis_are_not_enabled(deploy: Deploy) -> None:
@@ -657,10 +705,7 @@ def test_the_log_metrics_match_the_job_s_own_log_lines(deploy: Deploy) -> None:
     """The filters name what main.py really writes: the invalid-row line (ERROR, its
     message) and the summary's counters."""
     assert deploy.run("--infrastructure-only").returncode == 0
-    filters = {
-        m[3]: next(a for a in m if a.startswith("--log-filter="))
-        for m in deploy.find("metrics", "create")
-    }
+    filters = {m[3]: next(a for a in m if a.startswith("--log-filter=")) for m in deploy.find("metrics", "create")}
     row = main.UserRow(id=7, phone_number="+819012345678", call_weekdays="x", call_time=None,
                        timezone=None, pause_from=None, pause_until=None)  # fmt: skip
     lines: list[logging.LogRecord] = []
@@ -674,16 +719,89 @@ def test_the_log_metrics_match_the_job_s_own_log_lines(deploy: Deploy) -> None:
     entry = json.loads(main.JsonFormatter().format(lines[0]))
     assert entry["severity"] == "ERROR"
     invalid = filters[f"{JOB}-invalid-rows"]
-    assert (
-        "severity=ERROR" in invalid and f'jsonPayload.message:"{entry["message"][:19]}"' in invalid
-    )
+    assert "severity=ERROR" in invalid and f'jsonPayload.message:"{entry["message"][:19]}"' in invalid
     not_placed = filters[f"{JOB}-calls-not-placed"]
     fields = {f.name for f in dataclasses.fields(main.RunSummary)}
     for name in ("tasks_failed", "tasks_not_attempted"):
         assert f"jsonPayload.{name}>0" in not_placed and name in fields
+    # The audit's line for each missed call (main.py's contract: ERROR, this message).
+    missed = filters[f"{JOB}-calls-missed"]
+    assert 'severity=ERROR AND jsonPayload.message:"call missed: no complete run covered it"' in missed
+
+
+def test_missed_lists_the_missed_calls_of_both_jobs(deploy: Deploy) -> None:
+    def entry(time: str, job: str, message: str, user: int, severity: str = "ERROR") -> dict[str, Any]:
+        return {"timestamp": time, "severity": severity, "resource": {"labels": {"job_name": job}},
+                "jsonPayload": {"message": message, "user_id": user, "phone": f"***{user:04d}",
+                                "scheduled_at": f"2026-12-02T0{user}:00:00+09:00"}}  # fmt: skip
+
+    missed = "call missed: no complete run covered it"
+    deploy.set_state(log_entries=[  # newest first, as `logging read --order=desc` gives them
+        entry("2026-12-02T10:15:00Z", CHANGES_JOB, missed, 8),
+        entry("2026-12-02T10:00:00Z", "another-job", missed, 9),
+        entry("2026-12-02T09:15:00Z", JOB, "invalid row skipped: x", 3),
+        entry("2026-12-02T09:15:00Z", JOB, missed, 7),
+    ])  # fmt: skip
+    result = deploy.run("missed", "--since=2d")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == (
+        "TIME\tUSER_ID\tSCHEDULED_AT\tPHONE\n"
+        "2026-12-02T09:15:00Z\t7\t2026-12-02T07:00:00+09:00\t***0007\n"
+        "2026-12-02T10:15:00Z\t8\t2026-12-02T08:00:00+09:00\t***0008\n"
+    )
+    assert result.stderr.splitlines()[-1] == "[deploy] 2 missed call(s) in the last 2d"
+    [read] = deploy.find("logging", "read")
+    assert "--freshness=2d" in read and "--order=desc" in read
+    assert deploy.run("missed").returncode == 0 and "--freshness=24h" in deploy.find("logging", "read")[0]
+    deploy.set_state(log_entries=[])
+    none = deploy.run("missed")
+    assert none.returncode == 0 and none.stdout == "TIME\tUSER_ID\tSCHEDULED_AT\tPHONE\n"
+    assert "no missed calls in the last 24h" in none.stderr
+    assert deploy.run("missed", "--since", "soon").returncode == 1
+    assert deploy.run("missed", "--bogus").returncode == 1 and deploy.calls() == []
+    deploy.set_state(faults={"deny": ["logging read"]})
+    assert deploy.run("missed").returncode == 1
 
 
 # -- day 2 --------------------------------------------------------------------------------
+
+
+def test_an_empty_changes_schedule_turns_the_quick_runs_off_by_pausing(deploy: Deploy) -> None:
+    """Off on a new project: no quick-run trigger is created, none is smoke-tested. Off
+    later: the existing trigger is paused (reversible), never deleted. On again: it is
+    updated, stays paused until `resume`, and the deploy says so."""
+    first = deploy.run(CHANGES_SCHEDULE="")
+    assert first.returncode == 0, first.stderr
+    assert [a[4] for a in deploy.find("scheduler", "jobs", "create")] == ["anpi-call-scheduler-job"]
+    assert [a[3] for a in deploy.find("run", "jobs", "execute")] == [JOB, JOB]
+    assert deploy.rendered_job(CHANGES_JOB)  # the job is kept current, for `execute --changes`
+    assert "quick runs are off (CHANGES_SCHEDULE is empty)" in first.stderr
+    status = deploy.run("status", CHANGES_SCHEDULE="")  # no quick-run trigger: not a failure
+    assert status.returncode == 0, status.stderr
+    assert "(quick runs are off: CHANGES_SCHEDULE is empty)\n(none)\n" in status.stdout
+
+    quick = ("--deploy-only", "--skip-test")  # the triggers are all this is about
+    assert deploy.run(*quick).returncode == 0  # on: created, enabled
+    off = deploy.run(*quick, CHANGES_SCHEDULE="")
+    assert off.returncode == 0, off.stderr
+    [pause] = deploy.find("scheduler", "jobs", "pause")
+    assert pause[3] == "anpi-call-changes-scheduler-job" and not deploy.find("delete")
+    assert not deploy.find("scheduler", "jobs", "update", "http", "anpi-call-changes-scheduler-job")
+    state = deploy.read_state()["resources"]
+    assert state["scheduler-job/anpi-call-changes-scheduler-job"]["state"] == "pause"
+    assert deploy.run(*quick, CHANGES_SCHEDULE="").returncode == 0
+    assert not deploy.find("pause")  # already paused
+
+    # Day 2 with the quick runs off: pause/resume leave their trigger alone.
+    resume = deploy.run("resume", CHANGES_SCHEDULE="")
+    assert resume.returncode == 0 and [a[3] for a in deploy.find("resume")] == ["anpi-call-scheduler-job"]
+
+    on = deploy.run(*quick, CHANGES_SCHEDULE="*/5 * * * *")
+    assert on.returncode == 0, on.stderr
+    assert "--schedule=*/5 * * * *" in deploy.scheduler("anpi-call-changes-scheduler-job")
+    assert "scheduler anpi-call-changes-scheduler-job is paused; ./deploy.sh resume restarts it" in on.stderr
+    assert deploy.run("resume").returncode == 0
+    assert [a[3] for a in deploy.find("resume")] == ["anpi-call-scheduler-job", "anpi-call-changes-scheduler-job"]
 
 
 def test_day_two_commands(deploy: Deploy) -> None:
@@ -694,12 +812,14 @@ def test_day_two_commands(deploy: Deploy) -> None:
     status = deploy.run("status")
     assert status.returncode == 0, status.stderr
     issued = [[w for w in c["argv"] if not w.startswith("-")][:4] for c in deploy.calls()]
-    for command in (["run", "jobs", "describe", JOB], ["run", "jobs", "executions", "list"],
+    for command in (["run", "jobs", "describe", JOB], ["run", "jobs", "describe", CHANGES_JOB],
                     ["scheduler", "jobs", "describe", "anpi-call-scheduler-job"],
+                    ["scheduler", "jobs", "describe", "anpi-call-changes-scheduler-job"],
                     ["tasks", "queues", "describe", "anpi-call-queue"], ["tasks", "list"],
                     ["alpha", "monitoring", "policies", "list"]):  # fmt: skip
         assert command in issued, command
-    assert "--limit=5" in deploy.find("executions", "list")[0]
+    assert [next(a for a in argv if a.startswith("--job=")) for argv in deploy.find("executions", "list", "--limit=5")] \
+        == [f"--job={JOB}", f"--job={CHANGES_JOB}"]  # fmt: skip
     assert "== queue anpi-call-queue: pending tasks\n3\n" in status.stdout
     assert status.stderr.count("+ gcloud ") == len(deploy.calls())
     assert deploy.mutating() == []
@@ -707,13 +827,10 @@ def test_day_two_commands(deploy: Deploy) -> None:
     logs = deploy.run("logs", "--since", "30m", "--severity=warning")
     assert logs.returncode == 0, logs.stderr
     [read] = deploy.find("logging", "read")
-    assert (
-        f'resource.labels.job_name="{JOB}" AND severity>=WARNING' in read[2]
-        and "--freshness=30m" in read
-    )
-    assert (
-        deploy.run("logs").returncode == 0 and "--freshness=2h" in deploy.find("logging", "read")[0]
-    )
+    assert (f'(resource.labels.job_name="{JOB}" OR resource.labels.job_name="{CHANGES_JOB}")'
+            " AND severity>=WARNING") in read[2] and "--freshness=30m" in read  # fmt: skip
+    assert "--format=value(timestamp,resource.labels.job_name,severity," in " ".join(read)
+    assert deploy.run("logs").returncode == 0 and "--freshness=2h" in deploy.find("logging", "read")[0]
     assert deploy.run("logs", "--since", "soon").returncode == 1
 
     assert deploy.run("execute", "--dry-run", "--wait").returncode == 0
@@ -721,41 +838,65 @@ def test_day_two_commands(deploy: Deploy) -> None:
     assert execute[3] == JOB and "--args=--dry-run" in execute and "--wait" in execute
     assert deploy.run("execute").returncode == 0
     assert not [a for a in deploy.find("execute")[0] if a.startswith(("--args", "--wait"))]
+    assert deploy.run("execute", "--changes", "--wait").returncode == 0
+    [quick] = deploy.find("run", "jobs", "execute")
+    assert quick[3] == CHANGES_JOB and "--wait" in quick and not [a for a in quick if a.startswith("--args")]
+    both = deploy.run("execute", "--changes", "--dry-run")
+    assert both.returncode == 1 and "--changes and --dry-run exclude each other" in both.stderr
 
+    schedulers = ("scheduler-job/anpi-call-scheduler-job", "scheduler-job/anpi-call-changes-scheduler-job")
     assert deploy.run("pause").returncode == 0
-    assert (
-        deploy.read_state()["resources"]["scheduler-job/anpi-call-scheduler-job"]["state"]
-        == "pause"
-    )
+    assert [deploy.read_state()["resources"][s]["state"] for s in schedulers] == ["pause", "pause"]
     assert deploy.run("resume").returncode == 0
-    assert (
-        deploy.read_state()["resources"]["scheduler-job/anpi-call-scheduler-job"]["state"]
-        == "resume"
-    )
+    assert [deploy.read_state()["resources"][s]["state"] for s in schedulers] == ["resume", "resume"]
+    # A pause that fails for one trigger still pauses the other, then says so (exit 1).
+    deploy.set_state(faults={"deny": ["scheduler jobs pause anpi-call-scheduler-job"]})
+    half = deploy.run("pause")
+    assert half.returncode == 1 and "not every scheduler job could be paused" in half.stderr
+    assert [deploy.read_state()["resources"][s]["state"] for s in schedulers] == ["resume", "pause"]
+    deploy.set_state(faults={})
 
     image = deploy.read_state()["images"][0]
     deploy.set_state(images=["asia-northeast1-docker.pkg.dev/anpi-prod/anpi/anpi-call-scheduler:abc1234",
                              image])  # fmt: skip
     rolled = deploy.run("rollback", "abc1234")
     assert rolled.returncode == 0, rolled.stderr
-    [update] = deploy.find("run", "jobs", "update")
-    assert (
-        "--image=asia-northeast1-docker.pkg.dev/anpi-prod/anpi/anpi-call-scheduler:abc1234"
-        in update
-    )
+    updates = deploy.find("run", "jobs", "update")
+    assert [u[3] for u in updates] == [JOB, CHANGES_JOB]
+    assert all("--image=asia-northeast1-docker.pkg.dev/anpi-prod/anpi/anpi-call-scheduler:abc1234" in u
+               for u in updates)  # fmt: skip
     assert f"to undo this rollback: ./deploy.sh rollback {image.rsplit(':', 1)[1]}" in rolled.stderr
+    assert ("an image from before main.py --changes fails every quick run; then stop them with gcloud scheduler"
+            " jobs pause anpi-call-changes-scheduler-job --location=asia-northeast1 --project=anpi-prod"
+            ) in rolled.stderr  # fmt: skip
     missing = deploy.run("rollback", "nosuchtag")
     assert missing.returncode == 1 and "no image" in missing.stderr
     assert not deploy.find("run", "jobs", "update")
     assert deploy.run("rollback").returncode == 1
 
 
+def test_status_exits_1_when_a_section_could_not_be_read(deploy: Deploy) -> None:
+    """Every section is still printed; the exit code says the screen is incomplete."""
+    nothing = deploy.run("status")  # nothing deployed: no job, scheduler or queue
+    assert nothing.returncode == 1
+    sections = nothing.stdout.count("\n== ")
+    assert nothing.stderr.count("] could not read ") == 6  # 2 jobs, 2 triggers, queue, its tasks
+    assert f"status: 6 of {sections} section(s) could not be read" in nothing.stderr.splitlines()[-1]
+    deploy.set_state(resources={"queue/anpi-call-queue": {}})
+    assert deploy.run("--deploy-only", "--skip-test").returncode == 0
+    deploy.set_state(faults={"deny": ["alpha monitoring policies list"]})
+    denied = deploy.run("status")
+    assert denied.returncode == 1 and "could not read alert policies" in denied.stderr
+    assert "== alert policies" in denied.stdout
+
+
 def test_day_two_commands_need_only_the_project(deploy: Deploy) -> None:
     unset = {k: "<unset>" for k in SETTINGS if k != "GOOGLE_CLOUD_PROJECT"}
     assert deploy.run("pause", **unset).returncode == 1  # no scheduler job yet: gcloud's error
     assert deploy.find("scheduler", "jobs", "pause")
-    assert deploy.run("pause", GOOGLE_CLOUD_PROJECT="<unset>").returncode == 1
-    assert deploy.calls() == []
+    no_project = deploy.run("pause", GOOGLE_CLOUD_PROJECT="<unset>")
+    assert no_project.returncode == 1 and "no project: set GOOGLE_CLOUD_PROJECT" in no_project.stderr
+    assert deploy.mutating() == []
 
 
 # -- one queue per shard (TASK_COUNT > 1) ------------------------------------------------
@@ -791,10 +932,7 @@ def test_shrinking_task_count_names_the_leftover_queues_and_deletes_none(deploy:
                                 "queue/anpi-call-queue-3": {"depth": 12}})  # fmt: skip
     result = deploy.run("--skip-test", TASK_COUNT="3")
     assert result.returncode == 0, result.stderr
-    assert (
-        "queue anpi-call-queue-3 is no longer used by the job; its 12 pending task(s)"
-        in result.stderr
-    )
+    assert "queue anpi-call-queue-3 is no longer used by the job; its 12 pending task(s)" in result.stderr
     assert "gcloud tasks queues delete anpi-call-queue-3" in result.stderr
     assert not deploy.find("delete") and [q[3] for q in deploy.find("queues", "update")] == [
         f"anpi-call-queue-{i}" for i in range(3)
@@ -850,9 +988,7 @@ def test_image_dependency_set_runs_the_entrypoint(tmp_path: Path, db: Database) 
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.splitlines()[-1])["calls_planned"] == 1
-    freeze = subprocess.run(
-        [python, "-m", "pip", "freeze"], capture_output=True, text=True, check=True
-    )
+    freeze = subprocess.run([python, "-m", "pip", "freeze"], capture_output=True, text=True, check=True)
     pinned = {ln.split("==")[0].lower() for ln in (ROOT / "requirements.txt").read_text().splitlines()
               if "==" in ln}  # fmt: skip
     installed = {ln.split("==")[0].lower() for ln in freeze.stdout.splitlines() if "==" in ln}
