@@ -5,6 +5,7 @@ without Docker."""
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import io
 import json
 import logging
@@ -712,11 +713,13 @@ def test_the_log_metrics_match_the_job_s_own_log_lines(deploy: Deploy) -> None:
     handler = logging.Handler()
     handler.emit = lines.append  # type: ignore[method-assign]
     main.log.addHandler(handler)
+    call = main.Call(7, "+819012345678", dt.datetime(2026, 11, 30, tzinfo=dt.UTC), main.zoneinfo.ZoneInfo("Asia/Tokyo"))
     try:
-        main.log_invalid(row, main.InvalidRow("call_weekdays", "bad"))
+        main.RunSummary().invalid(row, main.InvalidRow("call_weekdays 'x': unknown word 'x'"))
+        main.RunSummary().missed(call, None)
     finally:
         main.log.removeHandler(handler)
-    entry = json.loads(main.JsonFormatter().format(lines[0]))
+    entry, missed_entry = (json.loads(main.JsonFormatter().format(line)) for line in lines)
     assert entry["severity"] == "ERROR"
     invalid = filters[f"{JOB}-invalid-rows"]
     assert "severity=ERROR" in invalid and f'jsonPayload.message:"{entry["message"][:19]}"' in invalid
@@ -724,9 +727,11 @@ def test_the_log_metrics_match_the_job_s_own_log_lines(deploy: Deploy) -> None:
     fields = {f.name for f in dataclasses.fields(main.RunSummary)}
     for name in ("tasks_failed", "tasks_not_attempted"):
         assert f"jsonPayload.{name}>0" in not_placed and name in fields
-    # The audit's line for each missed call (main.py's contract: ERROR, this message).
+    # The audit's line for each missed call: ERROR, this message, these fields.
     missed = filters[f"{JOB}-calls-missed"]
-    assert 'severity=ERROR AND jsonPayload.message:"call missed: no complete run covered it"' in missed
+    assert missed_entry["severity"] == "ERROR"
+    assert f'severity=ERROR AND jsonPayload.message:"{missed_entry["message"]}"' in missed
+    assert {"user_id", "scheduled_at", "phone"} <= set(missed_entry)
 
 
 def test_missed_lists_the_missed_calls_of_both_jobs(deploy: Deploy) -> None:
