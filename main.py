@@ -62,6 +62,10 @@ MAX_RECREATE_AGE = dt.timedelta(minutes=50)
 # A quick run waits at most this long for another run of its shard, then skips: the
 # next minute's quick run catches up.
 QUICK_LOCK_WAIT_SECONDS = 30
+# A run reads its window in parts of this size, nearest first (see `place_window`).
+SLICE = dt.timedelta(minutes=15)
+# How far back job_runs is read for runs of another shard count (see `take_turns`).
+OTHER_COUNTS_REACH = dt.timedelta(days=1)
 # How far back a run looks for calls that no complete run covered.
 MAX_AUDIT = dt.timedelta(hours=24)
 # Every local date of any zone lies within this of each of its instants (a day of 25
@@ -1393,8 +1397,13 @@ TABLE_CHECKS = (
         f"INSERT INTO job_runs ({RUN_COLUMNS}) SELECT {RUN_COLUMNS} FROM job_runs WHERE FALSE",
         None,
     ),
+    ("UPDATE", "job_runs", "UPDATE job_runs SET complete = complete WHERE FALSE", None),
     ("DELETE", "job_runs", "DELETE FROM job_runs WHERE FALSE", None),
 )
+# A run pings its writer connection this often; the server ends a session silent for
+# WRITER_IDLE_SECONDS (wait_timeout), and with it a run lock whose holder was cut off.
+KEEPALIVE_SECONDS = 60
+WRITER_IDLE_SECONDS = 300
 # Worth running a write again: a deadlock (1213) or a lock wait timeout (1205) between
 # two shards' upserts. Each write is one autocommitted, idempotent statement.
 RETRY_WRITE_ERRORS = (1213, 1205)
@@ -1405,7 +1414,8 @@ def grants(config: Config) -> str:
     user, db = f"'{config.db_user}'@'%'", f"`{config.db_name}`"
     return (
         f"GRANT SELECT ON {db}.users TO {user}; GRANT SELECT, INSERT, UPDATE, DELETE ON"
-        f" {db}.scheduled_calls TO {user}; GRANT SELECT, INSERT, DELETE ON {db}.job_runs TO {user}"
+        f" {db}.scheduled_calls TO {user}; GRANT SELECT, INSERT, UPDATE, DELETE ON {db}.job_runs"
+        f" TO {user}"
     )
 
 
@@ -1454,18 +1464,46 @@ class Writer:
 
         Runs of one shard then never overlap, so no run acts on an older snapshot of
         `users` than one that already finished. The server drops the lock when the
-        holder's connection ends, a killed container's included. The wait has its own
-        timeout: DB_READ_TIMEOUT bounds each statement, not this one.
+        holder's session ends: at once for a killed container, and within
+        WRITER_IDLE_SECONDS for one cut off by the network (see `keep_alive`). The wait
+        has its own timeout: DB_READ_TIMEOUT bounds each statement, not this one.
         """
-        self._lock_name = run_lock_name(self._config)
+        self._lock_name = run_lock_name(self._config.db_name, self._config.shard)
         set_read_timeout(self._conn, wait + self._config.db_read_timeout)
         try:
             with self.query() as cur:
+                cur.execute("SET SESSION wait_timeout = %s", (WRITER_IDLE_SECONDS,))
                 cur.execute("SELECT GET_LOCK(%s, %s)", (self._lock_name, wait))
                 (held,) = cur.fetchone()
         finally:
             set_read_timeout(self._conn, self._config.db_read_timeout)
         return held == 1
+
+    def held_elsewhere(self, shards: Sequence[Shard]) -> bool:
+        """Whether any of these shards' run locks is held: runs of another shard count
+        (the old TASK_COUNT's, still running during a change)."""
+        if not shards:
+            return False
+        names = [run_lock_name(self._config.db_name, shard) for shard in shards]
+        with self.query() as cur:
+            cur.execute("SELECT " + ", ".join(["IS_USED_LOCK(%s) IS NOT NULL"] * len(names)), names)
+            return any(cur.fetchone())
+
+    def keep_alive(self, done: threading.Event) -> None:
+        """Ping the writer every KEEPALIVE_SECONDS until `done`, in a daemon thread: the
+        session stays open however long the creates between statements take, while a
+        session the network cut off ends within WRITER_IDLE_SECONDS (its wait_timeout),
+        and with it the run lock."""
+
+        def ping() -> None:
+            while not done.wait(KEEPALIVE_SECONDS):
+                try:
+                    with self.query() as cur:
+                        cur.execute("SELECT 1")
+                except DatabaseError:
+                    return
+
+        threading.Thread(target=ping, name="keep-alive", daemon=True).start()
 
     def assert_locked(self) -> None:
         """Raise LockLost unless this connection still holds the run lock: checked before
@@ -1502,7 +1540,7 @@ class Writer:
         try:
             retry(attempt)()
         except (_RetryableWrite, gexc.RetryError) as exc:
-            raise self._failed(DatabaseError(f"scheduled_calls: {exc}")) from exc
+            raise self._failed(DatabaseError(f"the job's tables: {exc}")) from exc
 
     @contextlib.contextmanager
     def query(self) -> Iterator[Any]:
@@ -1530,9 +1568,10 @@ class _RetryableWrite(Exception):
     """A write that met a deadlock or a lock wait; run it again."""
 
 
-def run_lock_name(config: Config) -> str:
-    """The GET_LOCK name of this shard: database, queue and shard (at most 64 chars)."""
-    scope = f"{config.db_name}|{config.path_of(config.queue_name)}|{config.shard}"
+def run_lock_name(database: str, shard: Shard) -> str:
+    """The GET_LOCK name of a shard's runs: its database and its users (at most 64
+    chars). Hourly and quick runs of a shard share it, whatever their queue settings."""
+    scope = f"{database}|{shard}"
     return "anpi-call-scheduler:" + hashlib.sha256(scope.encode()).hexdigest()[:40]
 
 
@@ -1553,6 +1592,7 @@ class Recorded(NamedTuple):
     state: RecordState
     queue: str
     created: bool  # CreateTask confirmed the task: it was created, or its name was taken
+    reason: str | None = None
 
 
 class Entry(NamedTuple):
@@ -1588,16 +1628,17 @@ class CallRecord:
         config = self._config
         shard_sql, shard_args = config.shard.sql("user_id")
         sql = (
-            "SELECT user_id, call_at, alternative, state, queue, created_at IS NOT NULL"
+            "SELECT user_id, call_at, alternative, state, queue, created_at IS NOT NULL, reason"
             f" FROM scheduled_calls WHERE call_at >= %s AND call_at < %s{shard_sql}"
         )
         calls: dict[CallKey, dict[int, Recorded]] = {}
         states = {state.value: state for state in RecordState}
         with self._writer.query() as cur:
             cur.execute(sql, [naive_utc(window.start), naive_utc(window.end), *shard_args])
-            for user_id, call_at, alternative, state, queue, created in cur.fetchall():
+            for user_id, call_at, alternative, state, queue, created, reason in cur.fetchall():
                 # NULL queue: a row from before migration 003, when there was one queue.
-                recorded = Recorded(states[state], queue or config.queue, bool(created))
+                queue = queue or config.queue
+                recorded = Recorded(states[state], queue, bool(created), reason)
                 calls.setdefault(CallKey(user_id, aware_utc(call_at)), {})[alternative] = recorded
         self._calls = calls
 
@@ -1614,12 +1655,16 @@ class CallRecord:
         """Upsert `entries`, one statement per RECORD_BATCH rows, each committed.
 
         A row's queue is never updated (the first writer's stays, see `claim`), nor is a
-        confirmed create taken back.
+        confirmed create taken back, nor does a `deleted` id become `planned` again: it
+        surely never ran, and a run on an older snapshot must not say otherwise.
         """
+        revived = "state = 'deleted' AND VALUES(state) = 'planned'"
         sql = (
             f"INSERT INTO scheduled_calls ({RECORD_COLUMNS})"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
-            " ON DUPLICATE KEY UPDATE state = VALUES(state), reason = VALUES(reason),"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON DUPLICATE KEY UPDATE"
+            # MySQL assigns left to right: reason reads the old state.
+            f" reason = IF({revived}, reason, VALUES(reason)),"
+            f" state = IF({revived}, state, VALUES(state)),"
             " created_at = COALESCE(created_at, VALUES(created_at))"
         )
         own = self._config.queue_name
@@ -1638,10 +1683,11 @@ class CallRecord:
                 for e in chunk:
                     ids = self._calls.setdefault(e.key, {})
                     old = ids.get(e.alternative)
+                    if old and old.state is DELETED and e.state is PLANNED:
+                        continue
                     queue = old.queue if old else e.queue or own
-                    ids[e.alternative] = Recorded(
-                        e.state, queue, e.created or bool(old and old.created)
-                    )
+                    created = e.created or bool(old and old.created)
+                    ids[e.alternative] = Recorded(e.state, queue, created, e.reason)
 
     def claim(self, entries: Sequence[Entry]) -> dict[tuple[CallKey, int], str]:
         """Record new planned ids (`write`), then read back the queue of each: the queue
@@ -1712,24 +1758,33 @@ class PastRun(NamedTuple):
 
 
 class RunHistory:
-    """job_runs: one row per real run that got as far as its end, per shard.
+    """job_runs: one row per real run of a shard, noted when it begins and finished when
+    it ends.
 
-    It tells a quick run how far ahead the hourly runs have placed calls, and each run
-    which calls no complete run covered (see `run`'s audit).
+    It tells a quick run how far ahead hourly runs may have placed calls, a run which
+    other shard counts ran lately, and each run which calls no complete run covered
+    (see `audit`).
     """
 
     def __init__(self, writer: Writer, config: Config) -> None:
         self._writer = writer
         self._shard = config.shard
+        self._id: int | None = None
 
     def horizon(self) -> dt.datetime | None:
-        """The end of the latest hourly run's window of this shard: how far ahead calls
-        have been placed. None before the first one."""
-        return self._one(
-            "SELECT MAX(window_end) FROM job_runs WHERE kind = 'hourly'"
-            " AND shard_index = %s AND shard_count = %s",
-            (self._shard.index, self._shard.count),
+        """The end of the latest hourly run's window, of any shard count: how far ahead
+        calls may have been placed. None before the first one."""
+        return self._one("SELECT MAX(window_end) FROM job_runs WHERE kind = 'hourly'", ())
+
+    def other_counts(self, since: dt.datetime) -> list[Shard]:
+        """The shards of other shard counts that ran since `since`."""
+        sql = (
+            "SELECT DISTINCT shard_index, shard_count FROM job_runs"
+            " WHERE ran_at >= %s AND shard_count != %s"
         )
+        with self._writer.query() as cur:
+            cur.execute(sql, (naive_utc(since), self._shard.count))
+            return [Shard(index, count) for index, count in cur.fetchall()]
 
     def audited_until(self) -> dt.datetime | None:
         """Until when this shard's calls were audited; without an audit of this shard
@@ -1753,21 +1808,23 @@ class RunHistory:
                 for index, count, start, end in cur.fetchall()
             ]
 
-    def add(
-        self,
-        kind: RunKind,
-        ran_at: dt.datetime,
-        window: Window,
-        complete: bool,
-        audited_until: dt.datetime | None,
-    ) -> None:
+    def begin(self, kind: RunKind, ran_at: dt.datetime, window: Window) -> None:
+        """Note the run before it creates anything: a quick run's horizon then never
+        falls short of what an hourly run may have placed, even one that cannot finish."""
+        sql = f"INSERT INTO job_runs ({RUN_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, 0, NULL)"
         values = (
             naive_utc(ran_at), kind.value, self._shard.index, self._shard.count,
-            naive_utc(window.start), naive_utc(window.end), int(complete),
-            None if audited_until is None else naive_utc(audited_until),
+            naive_utc(window.start), naive_utc(window.end),
         )  # fmt: skip
-        sql = f"INSERT INTO job_runs ({RUN_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
-        self._writer.execute(sql, [values])
+        with self._writer.query() as cur:
+            cur.execute(sql, values)
+            self._id = cur.lastrowid
+
+    def end(self, complete: bool, audited_until: dt.datetime | None) -> None:
+        """Finish the run's row: whether it was complete, and until when it audited."""
+        sql = "UPDATE job_runs SET complete = %s, audited_until = %s WHERE id = %s"
+        audited = None if audited_until is None else naive_utc(audited_until)
+        self._writer.execute(sql, [(int(complete), audited, self._id)])
 
     def purge(self, before: dt.datetime) -> None:
         with self._writer.query() as cur:
@@ -1925,8 +1982,9 @@ class TaskSink:
         schedule.FromDatetime(call.instant)
         return tasks_v2.Task(name=self._name(task_id), http_request=request, schedule_time=schedule)
 
-    def create(self, call: Call, task_id: str) -> Created:
-        """CreateTask; a failure is logged with the call and returned as FAILED."""
+    def create(self, call: Call, task_id: str, seconds: float | None = None) -> Created:
+        """CreateTask, retried for at most `seconds` (default ENQUEUE_DEADLINE_SECONDS);
+        a failure is logged with the call and returned as FAILED."""
         from google.cloud import tasks_v2
 
         request = tasks_v2.CreateTaskRequest(
@@ -1934,7 +1992,7 @@ class TaskSink:
         )
         extra = {"user_id": call.user_id, "task_id": task_id}
         try:
-            self._rpc("create_task", request)
+            self._rpc("create_task", request, seconds=seconds)
             return Created.CREATED
         except gexc.AlreadyExists:
             return Created.TAKEN
@@ -2079,7 +2137,7 @@ class Outcome(enum.Enum):
 
     CREATED = "created"  # its task was created now
     EXISTING = "existing"  # its task is on the queue already, or ran
-    SKIPPED = "skipped"  # not made: its row was called already that local date
+    SKIPPED = "skipped"  # not made: its row was (or may have been) called already that date
     FAILED = "failed"  # logged; the next run tries again
     NOT_ATTEMPTED = "not attempted"  # the run stopped (signal, lost queue or database)
 
@@ -2092,12 +2150,18 @@ class Placed(NamedTuple):
 class Step(enum.Enum):
     """What a wanted call needs, as far as the record and the listing tell (`Placement.look`)."""
 
-    KEEP = "keep"  # rule 1: an id the listing shows pending
-    TRUST = "trust"  # rule 2: the id recorded planned, its create confirmed
-    CREATE = "create"  # rule 2: the id recorded planned, created (again) on its queue
-    REPLACE = "replace"  # rules 1 and 3: ids being deleted and the call ahead: retire, then new
-    RESOLVE = "resolve"  # rule 3: ids being deleted and the call due: keep one still pending
-    NEW = "new"  # rule 4: the next id, recorded, then created
+    KEEP = "keep"  # rule 3a: an id the listing shows pending
+    TRUST = "trust"  # rule 3b: the id recorded planned, its create confirmed
+    CREATE = "create"  # rule 3b: the id recorded planned, created (again) on its queue
+    REPLACE = "replace"  # rules 3a, 3c: ids being deleted and the call ahead: retire, then new
+    RESOLVE = "resolve"  # rule 3c: ids being deleted and the call due: keep one still pending
+    SETTLED = "settled"  # rule 3c, decided by an earlier run: it cannot tell, so no call
+    NEW = "new"  # rule 3d: the next id, recorded, then created
+
+
+CREATING = frozenset({Step.CREATE, Step.REPLACE, Step.RESOLVE, Step.NEW})
+# The reason an earlier run recorded when it could not tell whether a call had run.
+CANNOT_TELL = "cannot tell whether it ran: not created again"
 
 
 class Intent(NamedTuple):
@@ -2105,6 +2169,17 @@ class Intent(NamedTuple):
     step: Step
     alternative: int
     queue: str
+    duplicates: tuple[int, ...] = ()  # the call's other live ids: retired (rule 3)
+
+
+class UserPlan(NamedTuple):
+    """A row as one run read it: what its user wants of the run's window."""
+
+    row: UserRow
+    invalid: bool
+    calls: list[Call]  # the calls to place now: those in the part of the window being read
+    wanted: frozenset[dt.datetime]  # every call the row wants in the whole window
+    paused: frozenset[dt.datetime]  # the window's calls a pause leaves out
 
 
 class Stale(NamedTuple):
@@ -2115,8 +2190,7 @@ class Stale(NamedTuple):
     reason: str
     queue: str  # where its task is
     listed: bool  # the listing showed it pending
-    created: bool  # the record confirms its create
-    state: RecordState | None  # its recorded state (None: listed, never recorded)
+    recorded: Recorded | None  # its row (None: listed, never recorded)
 
     @property
     def key(self) -> CallKey:
@@ -2134,12 +2208,18 @@ class Stale(NamedTuple):
         return {"user_id": self.call.user_id, "task_id": self.task_id, "reason": self.reason}
 
 
-class Tally(NamedTuple):
+@dataclasses.dataclass(frozen=True)
+class Tally:
     """What retiring stale ids came to."""
 
     deleted: int = 0  # tasks a DeleteTask removed
     failed: int = 0
     skipped: int = 0  # left: due within the firing margin
+
+    def __add__(self, other: Tally) -> Tally:
+        return Tally(
+            self.deleted + other.deleted, self.failed + other.failed, self.skipped + other.skipped
+        )
 
 
 class Placement:
@@ -2153,10 +2233,12 @@ class Placement:
        its lock, before the create landed).
     2. **The firing margin.** A task due within FIRING_MARGIN of the job's clock, or
        past, may be firing: it is never deleted, and a refused name of it means "ran".
-    3. **The id of a wanted call** is the first of these that applies:
+    3. **The id of a wanted call** is the first of these that applies; its other live
+       ids are retired.
        a. an id the listing shows pending (the one recorded planned, else the lowest):
-          nothing is created. Not an id being deleted while the call is still ahead: a
-          delete of it may still land, so it is retired and the call gets the next id;
+          nothing is created. Not an id being deleted (a delete of it may still land)
+          or one recorded deleted, while the call is still ahead: those are retired,
+          and the call gets the next id;
        b. the id recorded planned: with its create confirmed, a quick run trusts it,
           and so does an hourly run for a call already past when it listed the queue;
           otherwise it is created (again) on its recorded queue, where ALREADY_EXISTS
@@ -2164,27 +2246,35 @@ class Placement:
           outside the job, so the next id (the old one recorded deleted);
        c. ids only being deleted: still ahead, they are retired and the call gets the
           next id; due or past, one that GetTask finds pending is kept, and without one
-          nothing is created ("cannot tell whether this call already ran");
+          nothing is created ("cannot tell whether this call already ran", recorded so
+          that later runs do not ask again);
        d. otherwise the next id after every recorded one: the base id for a call
           without a row.
        A recorded id is created again only while its call is younger than
        MAX_RECREATE_AGE: older, Cloud Tasks may have forgotten a name that ran.
     4. **At most one call per row and local date.** A call is not made, and its ids
        are retired, when its row has another call that local date that may have run
-       or may be firing: an id that is not `deleted`, due within the margin or past.
+       or may be firing: an id not `deleted`, due within the margin or past. Hourly
+       runs look for such calls back as far as a local date reaches; quick runs, for a
+       call that would be created, and otherwise within their window (their grace
+       sees each call for a quarter of an hour after its time).
     5. **Retiring a stale id** is mark, delete, confirm: marked `deleting`
        (committed), deleted, and marked `deleted` only when DeleteTask answered while
-       the call was still ahead, so surely before it ran. An id whose create was never
-       confirmed is created first, then deleted: a create still in flight from a run
-       that lost its lock then meets ALREADY_EXISTS for an hour. No delete is attempted
-       or retried once its call is within the margin; an id marked but left that way
-       gets its earlier state back. A stale id within the margin is left (and said so).
+       the call was still ahead, so surely before it ran; a `deleted` id never becomes
+       planned again. An id whose create was never confirmed is created first, then
+       deleted: a create still in flight from a run that lost its lock then meets
+       ALREADY_EXISTS for an hour. No create or delete of a stale id is attempted or
+       retried once its call is within the margin; an id marked but left that way gets
+       its earlier state back, and is said to be left. A user's stale ids are retired
+       as soon as the run has read the user's row, before the user's calls are
+       created: the nearest calls first, since the window is read in time order.
     6. **Only while holding the run lock.** Before every batch that creates or
        deletes, the run checks it still holds its shard's lock; after any failed write
        to the record it creates and deletes nothing more.
-    7. **A typo never cancels a call.** The ids of a user whose row is invalid this
-       run are kept; `run` reads the row of a user whose ids look stale but whose row
-       the window's query did not return, before anything is retired.
+    7. **A typo never cancels a call.** A user whose row is invalid keeps their ids,
+       and an id recorded for them whose create was never confirmed is created. A user
+       whose ids the window's rows did not account for is looked up by id in the same
+       snapshot before anything of theirs is retired.
     """
 
     def __init__(
@@ -2196,7 +2286,10 @@ class Placement:
         clock: Clock,
         stop: threading.Event,
         listing: Mapping[CallKey, set[int]] | None,
+        *,
         quick: bool = False,
+        out: Callable[[str], None] | None = None,
+        reconciling: bool = True,
     ) -> None:
         self.record = record
         self.queues = queues
@@ -2205,16 +2298,23 @@ class Placement:
         self.clock = clock
         self.stop = stop
         self.listing = listing
-        self.quick = quick  # a quick run trusts the record's confirmed creates
+        self.quick = quick  # a quick run: trusts confirmed creates (rule 3b)
+        self.out = out  # a dry run: print what would be done, do nothing
+        self.reconciling = reconciling  # retire stale ids (RECONCILE=1)
         self.listed_at = clock()
         self.own_queue = config.queue_name
+        self.tally = Tally()  # every id retired this run
+        self._retired: set[tuple[CallKey, int]] = set()
         self._confirmed: list[Entry] = []
         self._lock = threading.Lock()
-        self.replaced = Tally()  # ids retired while placing (rule 3), for the summary
-        # Every call of each user this run knows of (record and listing), for rule 4.
+        self._pool = ThreadPoolExecutor(config.enqueue_concurrency, "retire")
+        # Every call of each user this run knows of (record and listing).
         self._by_user: dict[int, set[CallKey]] = {}
         for key in [*record.keys(), *(listing or {})]:
             self._by_user.setdefault(key.user_id, set()).add(key)
+
+    def close(self) -> None:
+        self._pool.shutdown()
 
     # -- the one predicate of the margin -----------------------------------------
 
@@ -2222,32 +2322,48 @@ class Placement:
         """Due within FIRING_MARGIN of the job's clock, or past: it may be firing."""
         return instant <= self.clock() + FIRING_MARGIN
 
-    # -- choosing ----------------------------------------------------------------
+    # -- what the record and the listing tell -------------------------------------
+
+    def _listed(self, key: CallKey) -> set[int]:
+        return set(self.listing.get(key, ())) if self.listing is not None else set()
+
+    def _live(self, key: CallKey) -> list[int]:
+        """The ids of `key` that may be pending: listed, or recorded and not deleted."""
+        ids = self.record.ids(key)
+        return sorted({*self._listed(key), *(a for a, r in ids.items() if r.state is not DELETED)})
 
     def look(self, call: Call) -> Intent:
         """What `call` needs by rule 3, from the record and the listing alone."""
         ids = self.record.ids(call.key)
-        listed = self.listing.get(call.key, set()) if self.listing is not None else set()
+        listed = self._listed(call.key)
+        live = self._live(call.key)
         following = max([*ids, *listed], default=-1) + 1
+        ahead = not self.firing(call.instant)
+
+        def keep(step: Step, alternative: int, queue: str) -> Intent:
+            others = tuple(a for a in live if a != alternative)
+            return Intent(call, step, alternative, queue, others)
+
         if listed:
-            keepable = [a for a in sorted(listed) if a not in ids or ids[a].state is not DELETING]
+            unsure = {a for a in listed if a in ids and ids[a].state is not PLANNED}
+            keepable = sorted(listed - unsure) if ahead else sorted(listed)
             planned = [a for a in keepable if a in ids and ids[a].state is PLANNED]
-            if planned or keepable:
-                return Intent(call, Step.KEEP, (planned or keepable)[0], self.own_queue)
-            if not self.firing(call.instant):
-                return Intent(call, Step.REPLACE, following, self.own_queue)
-            return Intent(call, Step.KEEP, min(listed), self.own_queue)
+            if keepable:
+                return keep(Step.KEEP, (planned or keepable)[0], self.own_queue)
+            return Intent(call, Step.REPLACE, following, self.own_queue)
         planned = sorted(a for a, r in ids.items() if r.state is PLANNED)
         if planned:
             recorded = ids[planned[-1]]
             # A quick run trusts a confirmed create; an hourly one only for a call past
             # when it listed the queue (pending, it would have been listed).
-            listed_past = self.listing is not None and call.instant <= self.listed_at
-            trusted = self.quick or listed_past
+            trusted = self.quick or (self.listing is not None and call.instant <= self.listed_at)
             step = Step.TRUST if recorded.created and trusted else Step.CREATE
-            return Intent(call, step, planned[-1], recorded.queue)
-        if any(r.state is DELETING for r in ids.values()):
-            step = Step.RESOLVE if self.firing(call.instant) else Step.REPLACE
+            return keep(step, planned[-1], recorded.queue)
+        deleting = [r for r in ids.values() if r.state is DELETING]
+        if any(r.reason == CANNOT_TELL for r in deleting):
+            return Intent(call, Step.SETTLED, following, self.own_queue)
+        if deleting:
+            step = Step.REPLACE if ahead else Step.RESOLVE
             return Intent(call, step, following, self.own_queue)
         return Intent(call, Step.NEW, following, self.own_queue)
 
@@ -2255,49 +2371,152 @@ class Placement:
         """Rule 4: the row has another call on `call`'s local date that may have run or
         may be firing. `elsewhere`: instants of such calls read beyond the window."""
         day = call.local_date()
-        nearby = [
-            key.instant
-            for key in self._by_user.get(call.user_id, ())
-            if key.instant != call.instant and self._live(key)
-        ]
+        nearby = [k.instant for k in self._by_user.get(call.user_id, ()) if self._live(k)]
         return any(
             t != call.instant and self.firing(t) and call.local_date(t) == day
             for t in [*nearby, *elsewhere]
         )
 
-    def _live(self, key: CallKey) -> bool:
-        """An id of `key` is pending, or may be: listed, or recorded and not deleted."""
-        listed = self.listing is not None and bool(self.listing.get(key))
-        return listed or any(r.state is not DELETED for r in self.record.ids(key).values())
+    def _earlier_calls(self, calls: Sequence[Call]) -> dict[int, set[dt.datetime]]:
+        """For rule 4: the users' calls that may have run, read from the table as far
+        back as a local date reaches."""
+        if not calls:
+            return {}
+        start = min(c.instant for c in calls) - DAY_REACH
+        users = {c.user_id for c in calls}
+        return self.record.instants_of(users, start, self.clock() + FIRING_MARGIN)
+
+    def _stale(self, call: Call, alternative: int, reason: str) -> Stale:
+        recorded = self.record.ids(call.key).get(alternative)
+        listed = alternative in self._listed(call.key)
+        queue = self.own_queue if listed or recorded is None else recorded.queue
+        return Stale(call, alternative, reason, queue, listed, recorded)
+
+    # -- a batch of rows: retire what they no longer want, then place the rest -----
+
+    def settle(self, users: Sequence[UserPlan]) -> tuple[list[Call], int, list[Stale]]:
+        """What these users' rows ask of the run: the calls to place (those they want in
+        the part being read, and for an invalid row its recorded ids whose create was
+        never confirmed, rule 7), how many of those cannot be created (logged), and the
+        ids they no longer want (to retire before their calls are created, rule 5)."""
+        calls, doomed, failed = [], [], 0
+        for user in users:
+            keys = sorted(self._by_user.get(user.row.id, ()))
+            if user.invalid:
+                unfinished, cannot = self._unfinished(user.row, keys)
+                calls += unfinished
+                failed += cannot
+                if any(self._live(key) for key in keys):
+                    log.warning(
+                        "kept the tasks of an invalid row",
+                        extra={"user_id": user.row.id, "task_id": task_id(*keys[0])},
+                    )
+                continue
+            calls += user.calls
+            for key in keys:
+                if key.instant in user.wanted:
+                    continue
+                if key.instant in user.paused:
+                    reason = "paused"
+                elif user.wanted:
+                    reason = "call time or weekday changed"
+                else:
+                    reason = "no call in the window: user inactive, removed or schedule changed"
+                call = self._known(key, user.row)
+                doomed += [self._stale(call, a, reason) for a in self._live(key)]
+        return calls, failed, doomed if self.reconciling else []
+
+    def _known(self, key: CallKey, row: UserRow | None = None) -> Call:
+        """The call of `key` as far as the run knows it: the row's phone if it parses
+        (a task created only to take its name carries it)."""
+        phone = ""
+        if row is not None:
+            with contextlib.suppress(InvalidRow):
+                phone = normalize_phone(row.phone_number, self.config.phone_region)
+        return Call(key.user_id, phone, key.instant, self.config.default_timezone)
+
+    def _unfinished(self, row: UserRow, keys: Sequence[CallKey]) -> tuple[list[Call], int]:
+        """Rule 7: an invalid row's recorded ids whose create was never confirmed (nor
+        listed), as calls to create; and how many lack a usable phone number (logged)."""
+        calls, cannot = [], 0
+        for key in keys:
+            ids = self.record.ids(key)
+            if self._listed(key) or not any(
+                r.state is PLANNED and not r.created for r in ids.values()
+            ):
+                continue
+            call = self._known(key, row)
+            if call.phone_number:
+                calls.append(call)
+                continue
+            cannot += 1
+            log.error(
+                "the recorded call of an invalid row cannot be created: its phone number"
+                " does not parse; call the person by hand if in doubt",
+                extra={"user_id": key.user_id, "task_id": call.task_id()},
+            )
+        return calls, cannot
+
+    def unread(self, part: Window, read: AbstractSet[int]) -> set[int]:
+        """Users with a live id in `part` whose rows this run has not read."""
+        return {
+            key.user_id
+            for keys in self._by_user.values()
+            for key in keys
+            if key.instant in part and key.user_id not in read and self._live(key)
+        }
+
+    def gone(self, user_ids: Iterable[int]) -> None:
+        """Retire every live id of users without an active row."""
+        reason = "no call in the window: user inactive, removed or schedule changed"
+        self.retire(
+            [
+                self._stale(self._known(key), alternative, reason)
+                for user_id in user_ids
+                for key in sorted(self._by_user.get(user_id, ()))
+                for alternative in self._live(key)
+            ]
+        )
 
     def prepare(self, calls: Sequence[Call]) -> list[Intent | Placed]:
-        """Rules 3, 4 and 6 for one batch: check the lock, apply rule 4, record the new
-        ids and the kept listed ones (one commit), and confirm the creates of earlier
-        batches. What needs no Cloud Tasks call comes back as Placed already."""
+        """Rules 3, 4 and 6 for one batch: check the lock, apply rule 4, retire the
+        duplicates and what rule 4 turns away, record the new ids and the kept listed
+        ones, and confirm the creates of earlier batches (one commit each). What needs
+        no Cloud Tasks call comes back as Placed already."""
         self.writer.assert_locked()
         intents = [self.look(call) for call in calls]
-        fresh = [i for i in intents if i.step is Step.NEW]
-        elsewhere = self._earlier_calls([i.call for i in fresh])
+        examined = [
+            i.call
+            for i in intents
+            if i.step in CREATING or (not self.quick and not self.firing(i.call.instant))
+        ]
+        elsewhere = self._earlier_calls(examined)
         decided: list[Intent | Placed] = []
-        writes, new = self._take_confirmed(), []
+        writes, new, doomed = self._take_confirmed(), [], []
         for intent in intents:
-            call = intent.call
-            creates = intent.step not in (Step.KEEP, Step.TRUST)
-            if (creates or not self.firing(call.instant)) and self.called_that_day(
-                call, elsewhere.get(call.user_id, ())
-            ):
+            call, alternative = intent.call, intent.alternative
+            if intent.step is Step.SETTLED:
                 decided.append(Placed(Outcome.SKIPPED))
                 continue
+            if call in examined and self.called_that_day(call, elsewhere.get(call.user_id, ())):
+                decided.append(Placed(Outcome.SKIPPED))
+                reason = "the row was already called that day"
+                doomed += [self._stale(call, a, reason) for a in self._live(call.key)]
+                continue
+            keep = f"duplicate of {call.task_id(alternative)}"
+            doomed += [self._stale(call, a, keep) for a in intent.duplicates]
             if intent.step is Step.KEEP:
-                writes.append(Entry(call.key, intent.alternative, PLANNED, created=True))
-                decided.append(Placed(Outcome.EXISTING, intent.alternative))
+                writes.append(Entry(call.key, alternative, PLANNED, created=True))
+                decided.append(Placed(Outcome.EXISTING, alternative))
             elif intent.step is Step.TRUST:
-                decided.append(Placed(Outcome.EXISTING, intent.alternative))
+                decided.append(Placed(Outcome.EXISTING, alternative))
             else:
                 if intent.step is Step.NEW:
-                    new.append(Entry(call.key, intent.alternative, PLANNED))
+                    new.append(Entry(call.key, alternative, PLANNED))
                 decided.append(intent)
         self.record.write(writes)
+        if self.reconciling:
+            self.retire(doomed)
         queues = self.record.claim(new)
         return [
             d._replace(queue=queues[(d.call.key, d.alternative)])
@@ -2306,15 +2525,19 @@ class Placement:
             for d in decided
         ]
 
-    def _earlier_calls(self, calls: Sequence[Call]) -> dict[int, set[dt.datetime]]:
-        """For rule 4: the users' calls that may have run, read from the table as far
-        back as a local date reaches."""
-        if not calls:
-            return {}
-        start = min(c.instant for c in calls) - DAY_REACH
-        return self.record.instants_of(
-            {c.user_id for c in calls}, start, self.clock() + FIRING_MARGIN
-        )
+    def preview(self, calls: Sequence[Call]) -> None:
+        """A dry run's `prepare`: print the id each call would get (rule 4's reading of
+        the table beyond the window, and every RPC, left out)."""
+        assert self.out is not None
+        doomed = []
+        for call in calls:
+            intent = self.look(call)
+            line = {"task_id": call.task_id(intent.alternative), "user_id": call.user_id}
+            self.out(json.dumps({**line, "scheduled_at": call.scheduled_at}))
+            keep = f"duplicate of {call.task_id(intent.alternative)}"
+            doomed += [self._stale(call, a, keep) for a in intent.duplicates]
+        if self.reconciling:
+            self.retire(doomed)
 
     def flush(self) -> None:
         """Confirm the creates not yet confirmed (one commit)."""
@@ -2399,13 +2622,12 @@ class Placement:
             queue = queues[(call.key, alternative)]
 
     def _resolve(self, call: Call) -> Placed:
-        """Rule 3c, the call due or past: keep an id still pending, else fail loudly."""
+        """Rule 3c, the call due or past: keep an id still pending, else fail loudly,
+        once."""
         ids = self.record.ids(call.key)
-        for alternative in sorted(ids, reverse=True):
-            recorded = ids[alternative]
-            if recorded.state is DELETING and self.queues.of(recorded.queue).exists(
-                call.task_id(alternative)
-            ):
+        deleting = sorted((a for a, r in ids.items() if r.state is DELETING), reverse=True)
+        for alternative in deleting:
+            if self.queues.of(ids[alternative].queue).exists(call.task_id(alternative)):
                 self.record.write([Entry(call.key, alternative, PLANNED, created=True)])
                 return Placed(Outcome.EXISTING, alternative)
         log.error(
@@ -2413,90 +2635,17 @@ class Placement:
             " and is gone; not created again, so that it is not made twice",
             extra={"user_id": call.user_id, "task_id": call.task_id()},
         )
+        self.record.write([Entry(call.key, a, DELETING, CANNOT_TELL) for a in deleting])
         return Placed(Outcome.FAILED)
 
     def _replace(self, call: Call) -> bool:
-        """Rules 3a and 3c, the call ahead: retire every id being deleted (and any the
-        listing shows); True when all are gone."""
-        ids = self.record.ids(call.key)
-        listed = self.listing.get(call.key, set()) if self.listing is not None else set()
-        doomed = [
-            self._stale(call, a, "replaced: a delete of it was never confirmed", ids, listed)
-            for a in sorted({*listed, *(a for a, r in ids.items() if r.state is DELETING)})
-        ]
-        tally = self.retire(doomed)
-        with self._lock:
-            self.replaced = Tally(*(a + b for a, b in zip(self.replaced, tally, strict=True)))
+        """Rules 3a and 3c, the call ahead: retire every id of it that may be pending;
+        True when all are gone."""
+        reason = "replaced: a delete of it was never confirmed"
+        tally = self.retire([self._stale(call, a, reason) for a in self._live(call.key)])
         return tally.failed == 0 and tally.skipped == 0
 
     # -- retiring ----------------------------------------------------------------
-
-    def stale(
-        self,
-        phones: Mapping[int, str],
-        kept: Mapping[CallKey, int],
-        protected: AbstractSet[CallKey],
-        invalid_users: AbstractSet[int],
-        paused: AbstractSet[CallKey],
-        skipped: AbstractSet[CallKey],
-    ) -> list[Stale]:
-        """The ids of this shard's calls in the window that the plan does not keep:
-        recorded (not deleted) or listed ids of calls nobody wants, and every other id
-        of a call that keeps one. `phones`: the numbers of the users this run planned
-        (a stale id whose create must be taken first needs its body); a call that is
-        `protected` (its placement failed or was cut short) keeps all its ids,
-        as does a user whose row is invalid (rule 7)."""
-        planned_users = {key.user_id for key in kept} | {key.user_id for key in skipped}
-        found = []
-        for key in sorted({*self.record.keys(), *(self.listing or {})}):
-            if key in protected:
-                continue
-            ids = self.record.ids(key)
-            listed = self.listing.get(key, set()) if self.listing is not None else set()
-            live = sorted({*listed, *(a for a, r in ids.items() if r.state is not DELETED)})
-            zone = self.config.default_timezone
-            call = Call(key.user_id, phones.get(key.user_id, ""), key.instant, zone)
-            if key in kept:
-                keep = call.task_id(kept[key])
-                found += [
-                    self._stale(call, a, f"duplicate of {keep}", ids, listed)
-                    for a in live
-                    if a != kept[key]
-                ]
-                continue
-            if key.user_id in invalid_users:
-                if live:
-                    log.warning(
-                        "kept the tasks of an invalid row",
-                        extra={"user_id": key.user_id, "task_id": call.task_id()},
-                    )
-                continue
-            if key in paused:
-                reason = "paused"
-            elif key in skipped:
-                reason = "the row was already called that day"
-            elif key.user_id in planned_users:
-                reason = "call time or weekday changed"
-            else:
-                reason = "no call in the window: user inactive, removed or schedule changed"
-            found += [self._stale(call, a, reason, ids, listed) for a in live]
-        return found
-
-    def _stale(
-        self,
-        call: Call,
-        alternative: int,
-        reason: str,
-        ids: Mapping[int, Recorded],
-        listed: set[int],
-    ) -> Stale:
-        recorded = ids.get(alternative)
-        on_queue = alternative in listed
-        queue = self.own_queue if on_queue or recorded is None else recorded.queue
-        return Stale(
-            call, alternative, reason, queue, on_queue,
-            bool(recorded and recorded.created), recorded.state if recorded else None,
-        )  # fmt: skip
 
     def leave(self, items: Iterable[Stale]) -> tuple[list[Stale], int]:
         """Rule 2 for stale ids: those still ahead, and how many are left because they
@@ -2517,23 +2666,29 @@ class Placement:
                 left += 1
         return ahead, left
 
-    def retire(self, items: Sequence[Stale], pool: ThreadPoolExecutor | None = None) -> Tally:
-        """Rule 5 for `items`, RECORD_BATCH at a time (rule 6 before each batch)."""
+    def retire(self, items: Sequence[Stale]) -> Tally:
+        """Rule 5 for `items`, RECORD_BATCH at a time (rule 6 before each batch); a dry
+        run prints them instead. An id is retired once a run. Adds to `tally` and
+        returns this call's part."""
+        with self._lock:
+            items = [i for i in items if (i.key, i.alternative) not in self._retired]
+            self._retired.update((i.key, i.alternative) for i in items)
         items, skipped = self.leave(items)
         tally = Tally(skipped=skipped)
-        own_pool = pool is None
-        pool = pool or ThreadPoolExecutor(self.config.enqueue_concurrency, "retire")
-        try:
+        if self.out is not None:
+            for item in items:
+                self.out(json.dumps(item.plan_line(self.own_queue), ensure_ascii=False))
+        else:
             for chunk in chunks(items, RECORD_BATCH):
-                tally = self._retire_batch(chunk, pool, tally)
                 if self.stop.is_set() or self.writer.failed:
-                    return tally._replace(failed=tally.failed + len(items) - len(chunk))
-        finally:
-            if own_pool:
-                pool.shutdown()
+                    tally += Tally(failed=len(chunk))
+                else:
+                    tally += self._retire_batch(chunk)
+        with self._lock:
+            self.tally += tally
         return tally
 
-    def _retire_batch(self, chunk: list[Stale], pool: ThreadPoolExecutor, tally: Tally) -> Tally:
+    def _retire_batch(self, chunk: list[Stale]) -> Tally:
         try:
             self.writer.assert_locked()
             self.record.write(
@@ -2541,22 +2696,22 @@ class Placement:
             )
         except DatabaseError as exc:
             log.critical("could not record the stale tasks, so deleted none: %s", exc)
-            return tally._replace(failed=tally.failed + len(chunk))
-        confirmed = []
-        for item, result in zip(chunk, pool.map(self._retire_one, chunk), strict=True):
+            return Tally(failed=len(chunk))
+        tally, confirmed = Tally(), []
+        for item, result in zip(chunk, self._pool.map(self._retire_one, chunk), strict=True):
             if result is None:
-                tally = tally._replace(failed=tally.failed + 1)
+                tally += Tally(failed=1)
             elif result == "left":
-                tally = tally._replace(skipped=tally.skipped + 1)
+                tally += Tally(skipped=1)
             else:
-                tally = tally._replace(deleted=tally.deleted + (result == "deleted"))
+                tally += Tally(deleted=int(result == "deleted"))
                 if not self.firing(item.key.instant):
                     confirmed.append(Entry(item.key, item.alternative, DELETED, item.reason))
         try:
             self.record.write(confirmed)
         except DatabaseError as exc:  # they stay "deleting": safe, only less certain
             log.critical("could not confirm deleted tasks: %s", exc)
-            return tally._replace(failed=tally.failed + len(confirmed))
+            return tally + Tally(failed=len(confirmed))
         return tally
 
     def _retire_one(self, item: Stale) -> str | None:
@@ -2568,21 +2723,22 @@ class Placement:
         try:
             if self.stop.is_set() or self.writer.failed:
                 return None
-            left = (item.key.instant - FIRING_MARGIN - self.clock()).total_seconds()
-            if left <= 0:
-                log.warning(
-                    "stale task left on the queue: it is due within %ds and may be firing",
-                    FIRING_MARGIN.total_seconds(),
-                    extra=item.extra(),
-                )
-                if item.state is not None:
-                    self.record.write([Entry(item.key, item.alternative, item.state, item.reason)])
-                return "left"
             sink = self.queues.of(item.queue)
-            # A create of it may still be in flight: take the name first.
-            taken = item.listed or item.created
-            if not taken and sink.create(item.call, item.task_id) is Created.FAILED:
-                return None
+            if not (item.listed or (item.recorded and item.recorded.created)):
+                # A create of it may still be in flight: take the name first, within half
+                # the time left, so that the delete is still sent before the margin.
+                if self._left(item) <= 2 * ATTEMPT_SECONDS:
+                    return self._left_alone(item)
+                if sink.create(item.call, item.task_id, self._left(item) / 2) is Created.FAILED:
+                    return None
+                if self._left(item) <= 0:  # its answer came after its deadline (assumed never)
+                    log.error(
+                        "took a stale task's name but no time was left to delete it", extra=extra
+                    )
+                    return None
+            left = self._left(item)
+            if left <= 0:
+                return self._left_alone(item)
             gone = sink.delete(item.task_id, min(left, self.config.enqueue_deadline_seconds))
         except (gexc.GoogleAPICallError, gexc.RetryError, QueueError, DatabaseError) as exc:
             log.error("could not delete a stale task: %s", exc, extra=extra)
@@ -2590,6 +2746,22 @@ class Placement:
         if gone:
             log.info("deleted a stale task", extra=extra)
         return "deleted" if gone else "gone"
+
+    def _left(self, item: Stale) -> float:
+        """Seconds until `item`'s call is within the margin."""
+        return (item.key.instant - FIRING_MARGIN - self.clock()).total_seconds()
+
+    def _left_alone(self, item: Stale) -> str:
+        """A marked id too close to its time to act on: its earlier state back, logged."""
+        log.warning(
+            "stale task left on the queue: it is due within %ds and may be firing",
+            FIRING_MARGIN.total_seconds(),
+            extra=item.extra(),
+        )
+        if item.recorded is not None:
+            recorded = item.recorded
+            self.record.write([Entry(item.key, item.alternative, recorded.state, recorded.reason)])
+        return "left"
 
 
 # ---------------------------------------------------------------------------
@@ -2708,105 +2880,97 @@ class RunSummary:
         self.error = self.error or message
 
 
-@dataclasses.dataclass
-class Seen:
-    """What planning learnt besides the calls, for retiring: the users whose rows were
-    read, their phones, the invalid ones, and the calls a pause leaves out."""
+class Planner:
+    """Validates rows as they stream in and plans each: the calls it wants in the run's
+    window, and those to place now, in the part of it being read. Counts scanned,
+    invalid and planned; a row read again (its calls fall in another part too, or it
+    was looked up) is counted and reported once.
 
-    users: set[int] = dataclasses.field(default_factory=set)
-    phones: dict[int, str] = dataclasses.field(default_factory=dict)
-    invalid: set[int] = dataclasses.field(default_factory=set)
-    paused: set[CallKey] = dataclasses.field(default_factory=set)
-
-
-def plan(
-    rows: Iterable[UserRow],
-    config: Config,
-    window: Window,
-    summary: RunSummary,
-    stop: threading.Event,
-    seen: Seen,
-) -> Iterator[Call]:
-    """Validate and plan rows as they stream in, counting scanned, invalid and planned.
-
-    Nothing is held: memory stays flat however large the table. A stop signal ends the
-    stream. So does a database failure, recorded in `summary`; the calls yielded
-    before it are still placed, and the next run completes the rest.
+    Nothing is held but the ids of the rows read: memory stays flat however large the
+    table. A stop signal ends the stream. So does a lost database, recorded in the
+    summary and in `failed`; what was planned before it is still placed, and the next
+    run completes the rest.
     """
-    try:
-        for row in rows:
-            if stop.is_set():
-                return
-            summary.scanned()
-            seen.users.add(row.id)
-            try:
-                setting = parse_row(row, config.default_timezone, config.phone_region)
-            except InvalidRow as reason:
-                seen.invalid.add(row.id)
-                summary.invalid(row, reason)
-                continue
-            if setting is None:
-                continue
-            seen.phones[setting.user_id] = setting.phone_number
-            left_out: list[dt.datetime] = []
-            for call in plan_calls(setting, window, left_out):
-                summary.planned()
-                yield call
-            seen.paused.update(CallKey(setting.user_id, t) for t in left_out)
-    except DatabaseError as exc:
-        summary.fail(str(exc))
+
+    def __init__(
+        self, config: Config, window: Window, summary: RunSummary, stop: threading.Event
+    ) -> None:
+        self.config, self.window, self.summary, self.stop = config, window, summary, stop
+        self.read: set[int] = set()
+        self.failed = False
+
+    def plan(self, rows: Iterable[UserRow], part: Window) -> Iterator[UserPlan]:
+        config, summary = self.config, self.summary
+        try:
+            for row in rows:
+                if self.stop.is_set():
+                    return
+                again = row.id in self.read
+                self.read.add(row.id)
+                if not again:
+                    summary.scanned()
+                try:
+                    setting = parse_row(row, config.default_timezone, config.phone_region)
+                except InvalidRow as reason:
+                    if not again:
+                        summary.invalid(row, reason)
+                        yield UserPlan(row, True, [], frozenset(), frozenset())
+                    continue
+                if setting is None:
+                    yield UserPlan(row, False, [], frozenset(), frozenset())
+                    continue
+                left_out: list[dt.datetime] = []
+                wanted = frozenset(occurrences(setting, self.window, left_out))
+                calls = [c for c in plan_calls(setting, part) if c.instant in wanted]
+                for _ in calls:
+                    summary.planned()
+                yield UserPlan(row, False, calls, wanted, frozenset(left_out))
+        except DatabaseError as exc:
+            self.failed = True
+            summary.fail(str(exc))
 
 
 @dataclasses.dataclass
 class Placements:
-    """What became of the wanted calls, for retiring: the id each keeps, those whose
-    placement failed or was cut short (they keep every id), those not repeated today."""
+    """What became of the wanted calls: counted in the summary as they end."""
 
-    kept: dict[CallKey, int] = dataclasses.field(default_factory=dict)
-    protected: set[CallKey] = dataclasses.field(default_factory=set)
-    skipped: set[CallKey] = dataclasses.field(default_factory=set)
+    summary: RunSummary
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
-    def add(self, key: CallKey, placed: Placed, summary: RunSummary) -> None:
+    def add(self, placed: Placed) -> None:
         with self.lock:
-            summary.placed(placed.outcome)
-            if placed.outcome is Outcome.SKIPPED:
-                self.skipped.add(key)
-            elif placed.outcome in (Outcome.CREATED, Outcome.EXISTING):
-                assert placed.alternative is not None
-                self.kept[key] = placed.alternative
-            else:
-                self.protected.add(key)
+            self.summary.placed(placed.outcome)
 
 
 def enqueue(
     placement: Placement,
-    calls: Iterable[Call],
+    users: Iterable[UserPlan],
     config: Config,
     summary: RunSummary,
     stop: threading.Event,
-    placements: Placements,
+    pool: ThreadPoolExecutor,
 ) -> None:
-    """Place `calls` RECORD_BATCH at a time: each batch prepared (the lock checked, new
-    ids recorded in one commit), then its Cloud Tasks calls made at most
-    ENQUEUE_CONCURRENCY at a time, rate-capped. After a fatal queue or database error,
-    or a stop, the rest are counted, not tried."""
+    """Settle the users RECORD_BATCH at a time: each batch's stale ids retired, its
+    calls prepared (the lock checked, new ids recorded in one commit), then their Cloud
+    Tasks calls made at most ENQUEUE_CONCURRENCY at a time, rate-capped. After a fatal
+    queue or database error, or a stop, the rest are counted, not tried."""
     slots = threading.BoundedSemaphore(config.enqueue_concurrency)
     limiter = RateLimiter(config.enqueue_max_per_second)
+    placements = Placements(summary)
     fatal: list[JobError] = []
 
-    def done(intent: Intent, future: Any) -> None:
+    def done(future: Any) -> None:
         slots.release()
         exc = future.exception()
         if isinstance(exc, QueueError):
             fatal.append(exc)
             summary.fail(str(exc))
-            placements.add(intent.call.key, Placed(Outcome.NOT_ATTEMPTED), summary)
+            placements.add(Placed(Outcome.NOT_ATTEMPTED))
         elif exc is not None:
             log.error("unexpected error placing a call: %r", exc)
-            placements.add(intent.call.key, Placed(Outcome.FAILED), summary)
+            placements.add(Placed(Outcome.FAILED))
         else:
-            placements.add(intent.call.key, future.result(), summary)
+            placements.add(future.result())
 
     def wait_for_slot() -> bool:
         while not slots.acquire(timeout=0.2):
@@ -2814,29 +2978,34 @@ def enqueue(
                 return False
         return True
 
-    with ThreadPoolExecutor(config.enqueue_concurrency, thread_name_prefix="place") as pool:
-        for batch in chunks(calls, RECORD_BATCH):
-            decided: Sequence[Intent | Placed] = []
-            if not (fatal or stop.is_set()):
-                try:
-                    decided = placement.prepare(batch)
-                except DatabaseError as exc:
-                    fatal.append(exc)
-                    summary.fail(str(exc))
-            for i, call in enumerate(batch):
-                outcome = decided[i] if decided else Placed(Outcome.NOT_ATTEMPTED)
-                if isinstance(outcome, Intent) and (fatal or not wait_for_slot()):
-                    outcome = Placed(Outcome.NOT_ATTEMPTED)
-                if isinstance(outcome, Placed):
-                    placements.add(call.key, outcome, summary)
-                    continue
-                limiter.wait()
-                future = pool.submit(placement.place, outcome)
-                future.add_done_callback(functools.partial(done, outcome))
-    try:
-        placement.flush()
-    except DatabaseError as exc:  # the creates stay unconfirmed: the next run confirms them
-        summary.fail(str(exc))
+    for batch in chunks(users, RECORD_BATCH):
+        if placement.out is not None:
+            calls, _, doomed = placement.settle(batch)
+            placement.preview(calls)
+            placement.retire(doomed)
+            continue
+        calls, failed = [], 0
+        decided: Sequence[Intent | Placed] = []
+        if not (fatal or stop.is_set()):
+            try:
+                calls, failed, doomed = placement.settle(batch)
+                placement.retire(doomed)
+                decided = placement.prepare(calls)
+            except DatabaseError as exc:
+                fatal.append(exc)
+                summary.fail(str(exc))
+        calls = calls or [c for user in batch for c in user.calls]
+        for _ in range(failed):
+            placements.add(Placed(Outcome.FAILED))
+        for i in range(len(calls)):
+            outcome = decided[i] if decided else Placed(Outcome.NOT_ATTEMPTED)
+            if isinstance(outcome, Intent) and (fatal or not wait_for_slot()):
+                outcome = Placed(Outcome.NOT_ATTEMPTED)
+            if isinstance(outcome, Placed):
+                placements.add(outcome)
+                continue
+            limiter.wait()
+            pool.submit(placement.place, outcome).add_done_callback(done)
 
 
 def open_database(config: Config, stack: contextlib.ExitStack) -> Writer:
@@ -2859,6 +3028,14 @@ def run_window(config: Config, now: dt.datetime, horizon: dt.datetime | None) ->
     return Window(window.start, max(window.start, min(window.end, horizon)))
 
 
+def slices(window: Window, size: dt.timedelta = SLICE) -> Iterator[Window]:
+    """`window` in consecutive parts of `size`, in time order."""
+    start = window.start
+    while start < window.end:
+        yield Window(start, min(start + size, window.end))
+        start += size
+
+
 def run(
     config: Config,
     now: dt.datetime,
@@ -2870,16 +3047,16 @@ def run(
     out: Callable[[str], None],
     clock: Clock | None = None,
 ) -> RunSummary:
-    """One whole run: check the tables, take the shard's run lock, load the record, list
-    the queue (hourly runs), stream rows and plan them, place (or print) each call,
-    retire the stale ids of this shard and window (RECONCILE), name the calls no
-    complete run covered, purge old records, and note the run in job_runs.
+    """One whole run: check the tables, take the shard's run lock, note the run, load
+    the record, list the queue (hourly runs), then read the window in time order and
+    for each batch of rows retire what they no longer want and place (or print) what
+    they want (RECONCILE), name the calls no complete run covered, purge old records,
+    and finish the run's note.
 
     Raises SetupError, before any task is touched, when a table or grant is missing.
     """
     started = time.monotonic()
     clock = clock or (lambda: now + dt.timedelta(seconds=time.monotonic() - started))
-    kind = RunKind.CHANGES if changes else RunKind.HOURLY
     summary = RunSummary(dry_run=dry_run, changes=changes, shard=str(config.shard))
     summary.begin(Window.around(now, config.grace, config.lookahead))
     log.info(
@@ -2894,31 +3071,20 @@ def run(
     with contextlib.ExitStack() as stack:
         try:
             writer = open_database(config, stack)
-            if not dry_run:
-                wait = config.run_lock_wait_seconds
-                if changes:
-                    wait = min(wait, QUICK_LOCK_WAIT_SECONDS)
-                waiting = time.monotonic()
-                if not writer.lock(wait):
-                    if changes:
-                        log.info(
-                            "quick run skipped: another run of shard %s held the run lock"
-                            " for %ds; the next quick run catches up",
-                            summary.shard,
-                            wait,
-                        )
-                    else:
-                        summary.fail(
-                            f"another run of shard {summary.shard} still held the run lock"
-                            f" after {wait}s; this run did nothing"
-                        )
-                    return summary
-                if (waited := time.monotonic() - waiting) > 1:
-                    log.info("waited %.0fs for another run of this shard", waited)
-                    now = clock()  # plan for when the run really begins
             history = RunHistory(writer, config)
+            if not dry_run:
+                waited = take_turns(writer, history, config, now, changes, summary)
+                if waited is None:
+                    return summary
+                if waited > 1:
+                    now = clock()  # plan for when the run really begins
+                done = threading.Event()
+                stack.callback(done.set)
+                writer.keep_alive(done)
             window = run_window(config, now, history.horizon() if changes else None)
             summary.begin(window)
+            if not dry_run:
+                history.begin(RunKind.CHANGES if changes else RunKind.HOURLY, now, window)
             record = CallRecord(writer, config, clock)
             record.load(window)
             reader = connect(config, streaming=True)
@@ -2929,38 +3095,25 @@ def run(
 
         queues = TaskQueues(lambda: tasks_client or make_tasks_client(config), config, stop)
         listing = None if changes else list_queue(queues, config, window, dry_run, summary)
-        placement = Placement(record, queues, writer, config, clock, stop, listing, changes)
-        seen, placements = Seen(), Placements()
-        with Snapshot(reader, config) as snapshot:
-            calls = plan(snapshot.rows(window), config, window, summary, stop, seen)
-            place(placement, calls, config, summary, stop, placements, out if dry_run else None)
-            # Only a complete plan can say what is stale: not after an error or a stop.
-            reconciling = config.reconcile and (listing is not None or changes)
-            if reconciling and summary.error is None and not stop.is_set():
-                # Rule 7: read the rows of users whose ids look stale but that the window's
-                # query did not return (a text call_time MySQL casts out of the window).
-                unread = {key.user_id for key in placement_keys(placement)} - seen.users
-                rows = snapshot.active(unread).values() if unread else []
-                calls = plan(rows, config, window, summary, stop, seen)
-                place(placement, calls, config, summary, stop, placements, out if dry_run else None)
-            summary.retired(placement.replaced)
-            if reconciling and summary.error is None and not stop.is_set():
-                stale = placement.stale(
-                    seen.phones, placements.kept, placements.protected, seen.invalid,
-                    seen.paused, placements.skipped,
-                )  # fmt: skip
-                if dry_run:
-                    ahead, left = placement.leave(stale)
-                    summary.retired(Tally(skipped=left))
-                    for item in ahead:
-                        out(json.dumps(item.plan_line(config.queue_name), ensure_ascii=False))
-                else:
-                    summary.retired(placement.retire(stale))
-            audited = None
-            if not dry_run and writer.failed is None:
-                audited = audit(history, writer, snapshot, config, clock, now, summary)
+        placement = Placement(
+            record, queues, writer, config, clock, stop, listing,
+            quick=changes, out=out if dry_run else None,
+            # A dry run shows deletions only where it read the queue, as a real run would.
+            reconciling=config.reconcile and (listing is not None or changes or not dry_run),
+        )  # fmt: skip
+        stack.callback(placement.close)
+        audited = None
+        try:
+            with Snapshot(reader, config) as snapshot:
+                planner = Planner(config, window, summary, stop)
+                place_window(placement, snapshot, planner, config)
+                summary.retired(placement.tally)
+                if not dry_run and writer.failed is None:
+                    audited = audit(history, writer, snapshot, config, clock, now, summary)
+        except DatabaseError as exc:
+            summary.fail(str(exc))
         if not dry_run and writer.failed is None:
-            finish(config, record, history, kind, now, window, audited, summary, stop)
+            finish(config, record, history, now, audited, summary, stop)
         log.info(
             "time in the job's tables: %.1fs",
             writer.seconds,
@@ -2969,9 +3122,61 @@ def run(
     return summary
 
 
-def placement_keys(placement: Placement) -> set[CallKey]:
-    """Every call the record or the listing knows of in the window."""
-    return {*placement.record.keys(), *(placement.listing or {})}
+def take_turns(
+    writer: Writer,
+    history: RunHistory,
+    config: Config,
+    now: dt.datetime,
+    changes: bool,
+    summary: RunSummary,
+) -> float | None:
+    """Take this shard's run lock, waiting RUN_LOCK_WAIT_SECONDS (a quick run at most
+    QUICK_LOCK_WAIT_SECONDS), and make sure no run of another shard count is running
+    (a change of TASK_COUNT): the seconds it waited. None when the run must do
+    nothing: a quick run skips (INFO, exit 0), an hourly one fails (exit 1) and Cloud
+    Run retries it."""
+    wait = config.run_lock_wait_seconds
+    if changes:
+        wait = min(wait, QUICK_LOCK_WAIT_SECONDS)
+    waiting = time.monotonic()
+    if not writer.lock(wait):
+        busy = f"another run of shard {summary.shard} still held the run lock after {wait}s"
+    elif writer.held_elsewhere(history.other_counts(now - OTHER_COUNTS_REACH)):
+        busy = "a run of another shard count (TASK_COUNT) is still running"
+    else:
+        if (waited := time.monotonic() - waiting) > 1:
+            log.info("waited %.0fs for another run of this shard", waited)
+        return waited
+    if changes:
+        log.info("quick run skipped: %s; the next quick run catches up", busy)
+    else:
+        summary.fail(f"{busy}; this run did nothing")
+    return None
+
+
+def place_window(
+    placement: Placement, snapshot: Snapshot, planner: Planner, config: Config
+) -> None:
+    """Read the window part by part in time order (the nearest calls first): each part's
+    rows settled and placed, then the users with ids in that part whose rows no query
+    returned looked up by id (rule 7) and settled, or, without an active row, their ids
+    retired."""
+    summary, stop = planner.summary, planner.stop
+    with ThreadPoolExecutor(config.enqueue_concurrency, thread_name_prefix="place") as pool:
+        for part in slices(planner.window):
+            rows = planner.plan(snapshot.rows(part), part)
+            enqueue(placement, rows, config, summary, stop, pool)
+            if planner.failed or stop.is_set() or placement.writer.failed:
+                break
+            if placement.reconciling and (unread := placement.unread(part, planner.read)):
+                found = snapshot.active(unread)
+                enqueue(placement, planner.plan(found.values(), part), config, summary, stop, pool)
+                placement.gone(unread - set(found))
+    if placement.out is None:
+        try:
+            placement.flush()
+        except DatabaseError as exc:  # the creates stay unconfirmed: the next run confirms them
+            summary.fail(str(exc))
 
 
 def list_queue(
@@ -3003,26 +3208,6 @@ def list_queue(
         "listed the queue", extra={"queue": own.queue, "pages": own.pages, "tasks": len(listing)}
     )
     return listing
-
-
-def place(
-    placement: Placement,
-    calls: Iterable[Call],
-    config: Config,
-    summary: RunSummary,
-    stop: threading.Event,
-    placements: Placements,
-    out: Callable[[str], None] | None,
-) -> None:
-    """Place `calls`, or with `out` (a dry run) print the id each would get."""
-    if out is None:
-        enqueue(placement, calls, config, summary, stop, placements)
-        return
-    for call in calls:
-        intent = placement.look(call)
-        line = {"task_id": call.task_id(intent.alternative), "user_id": call.user_id}
-        out(json.dumps({**line, "scheduled_at": call.scheduled_at}))
-        placements.kept[call.key] = intent.alternative
 
 
 def audit(
@@ -3113,15 +3298,13 @@ def finish(
     config: Config,
     record: CallRecord,
     history: RunHistory,
-    kind: RunKind,
     now: dt.datetime,
-    window: Window,
     audited: dt.datetime | None,
     summary: RunSummary,
     stop: threading.Event,
 ) -> None:
-    """Purge old rows (shard 0) and note the run in job_runs: its window, whether it
-    was complete, and until when it audited."""
+    """Purge old rows (shard 0) and finish the run's note in job_runs: whether it was
+    complete, and until when it audited."""
     if config.task_index == 0 and not stop.is_set():
         try:
             summary.purged(record.purge(now - config.retention))
@@ -3129,7 +3312,7 @@ def finish(
         except DatabaseError as exc:
             log.warning("could not purge old rows of the job's tables: %s", exc)
     try:
-        history.add(kind, now, window, summary.exit_code == 0, audited)
+        history.end(summary.exit_code == 0, audited)
     except DatabaseError as exc:
         summary.fail(f"could not note the run in job_runs: {exc}")
 

@@ -67,5 +67,5 @@ CREATE TABLE IF NOT EXISTS job_runs (
 --   CREATE USER 'anpi_job'@'%' IDENTIFIED BY '<from Secret Manager>';
 --   GRANT SELECT ON anpi.users TO 'anpi_job'@'%';
 --   GRANT SELECT, INSERT, UPDATE, DELETE ON anpi.scheduled_calls TO 'anpi_job'@'%';
---   GRANT SELECT, INSERT, DELETE ON anpi.job_runs TO 'anpi_job'@'%';
+--   GRANT SELECT, INSERT, UPDATE, DELETE ON anpi.job_runs TO 'anpi_job'@'%';
 -- Without them the job exits 2 before it creates any task, naming the missing grant.

@@ -4,7 +4,7 @@
 -- ahead the hourly runs placed calls, and every run can name the calls no complete run
 -- covered. Apply once, before deploying the version that needs it (it exits 2 without):
 --   mysql -h HOST -u USER -p DB_NAME < migrations/004_quick_runs.sql
--- then grant the job's user: GRANT SELECT, INSERT, DELETE ON DB_NAME.job_runs TO ...
+-- then grant the job's user: GRANT SELECT, INSERT, UPDATE, DELETE ON DB_NAME.job_runs TO ...
 -- Rows written before it have created_at NULL: the next run confirms them again.
 
 ALTER TABLE scheduled_calls ADD COLUMN created_at DATETIME NULL

@@ -185,7 +185,7 @@ def test_a_quick_run_that_finds_the_lock_held_skips_and_exits_0(
     holder = db.connect()
     try:
         with holder.cursor() as cur:
-            cur.execute("SELECT GET_LOCK(%s, 0)", (main.run_lock_name(main.Config.from_env(env)),))
+            cur.execute("SELECT GET_LOCK(%s, 0)", (main.run_lock_name(main.Config.from_env(env).db_name, main.Config.from_env(env).shard),))
         result = run_main(["--changes"], env, clock)
         held = run_main([], env, clock)  # an hourly run waits, then fails (exit 1)
     finally:

@@ -205,7 +205,7 @@ def test_the_migrations_bring_an_old_database_to_schema_sql(
     assert fourth.code == 2
     assert "table scheduled_calls is missing or has old columns" in fourth.stderr
     assert "migrations/004_quick_runs.sql" in fourth.stderr
-    assert "GRANT SELECT, INSERT, DELETE ON" in fourth.stderr and ".job_runs" in fourth.stderr
+    assert "GRANT SELECT, INSERT, UPDATE, DELETE ON" in fourth.stderr and ".job_runs" in fourth.stderr
     assert tasks_server.rpcs == []
     apply(old_db, "migrations/004_quick_runs.sql")
     assert shape(old_db) == shape(db)

@@ -30,8 +30,9 @@ def planned(
     conn = main.connect(cfg, streaming=True)
     try:
         with main.Snapshot(conn, cfg) as snapshot:
-            rows = snapshot.rows(window)
-            calls = list(main.plan(rows, cfg, window, summary, threading.Event(), main.Seen()))
+            planner = main.Planner(cfg, window, summary, threading.Event())
+            plans = planner.plan(snapshot.rows(window), window)
+            calls = [call for user in plans for call in user.calls]
     finally:
         conn.close()
     return calls, summary

@@ -333,7 +333,7 @@ def test_a_select_only_user_exits_2_before_any_task(
     assert result.stdout == ""
     assert "may not INSERT on scheduled_calls" in result.stderr
     assert f"GRANT SELECT, INSERT, UPDATE, DELETE ON `{db.name}`.scheduled_calls" in result.stderr
-    assert f"GRANT SELECT, INSERT, DELETE ON `{db.name}`.job_runs" in result.stderr
+    assert f"GRANT SELECT, INSERT, UPDATE, DELETE ON `{db.name}`.job_runs" in result.stderr
     assert queue.rpcs == []
 
 
@@ -565,7 +565,7 @@ def test_a_run_waits_for_another_run_of_its_shard(
     GET_LOCK, dropped when its holder's connection ends) and then plans for its time."""
     users_at(db, "09:00", range(1, 3))
     env = job_env(db, queue)
-    name = main.run_lock_name(main.Config.from_env(env))
+    name = main.run_lock_name(main.Config.from_env(env).db_name, main.Config.from_env(env).shard)
     holder = db.connect()
 
     def other_run_ends() -> None:
@@ -719,7 +719,7 @@ def test_the_run_lock_wait_is_not_cut_short_by_the_read_timeout(
     """DB_READ_TIMEOUT bounds each query, not the wait for another run of the shard."""
     users_at(db, "09:00", range(1, 3))
     env = job_env(db, tasks_server, DB_READ_TIMEOUT="1")
-    name = main.run_lock_name(main.Config.from_env(env))
+    name = main.run_lock_name(main.Config.from_env(env).db_name, main.Config.from_env(env).shard)
     holder = db.connect()
     try:
         with holder.cursor() as cur:

@@ -272,9 +272,9 @@ def test_wrong_password_is_not_retried(db: Database) -> None:
 def test_connection_killed_mid_read_exits_1_and_a_rerun_completes(
     db: Database, tasks_server: FakeCloudTasks
 ) -> None:
-    # 80,000 rows due in the window (09:00:01-10:59:59, interleaved); every 200th asks for a
-    # call, the rest (blank weekdays, padded so the result outgrows the kernel's socket
-    # buffers) for none.
+    # 80,000 rows due in the window's first quarter of an hour after now (09:00:01-09:14:59,
+    # interleaved, so one query returns them all); every 200th asks for a call, the rest
+    # (blank weekdays, padded so the result outgrows the kernel's socket buffers) for none.
     db.insert(
         [
             {
@@ -283,7 +283,7 @@ def test_connection_killed_mid_read_exits_1_and_a_rerun_completes(
                 "call_time": f"{9 + s // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}",
             }
             for i in range(1, 80_001)
-            for s in [1 + i % 7199]  # 09:00:01-10:59:59: all ahead of now
+            for s in [1 + i % 899]  # 09:00:01-09:14:59: all ahead of now
         ]
     )
     proxy = TcpProxy((DB_SETTINGS["host"], DB_SETTINGS["port"]))
@@ -303,7 +303,10 @@ def test_connection_killed_mid_read_exits_1_and_a_rerun_completes(
         proxy.release.set()
         first = finish_job(proc)
     finally:
+        proxy.release.set()  # whatever happened, nothing stays held
         proxy.close()
+        if proc.poll() is None:
+            proc.kill()
     assert first.code == 1
     assert "lost the database while reading users" in first.stderr
     assert "lost the database" in first.summary["error"]
