@@ -610,3 +610,33 @@ def test_consecutive_hourly_runs_cover_every_instant() -> None:
         instant = tokyo(2026, 11, 30, 11, minute)
         covering = [w for w in (window_10, window_11, window_12) if w.start <= instant < w.end]
         assert len(covering) >= 2
+
+
+# One region per calling code: Japan, the UK, Germany, France, Korea, China, Australia,
+# India, Brazil, Singapore; and the US's shared +1, which goes to the library.
+_CODES = [81, 44, 49, 33, 82, 86, 61, 91, 55, 65, 1]
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.sampled_from(_CODES), st.from_regex(r"[1-9][0-9]{3,13}", fullmatch=True))
+def test_the_fast_validity_check_agrees_with_libphonenumber(code: int, national: str) -> None:
+    import phonenumbers
+
+    number = phonenumbers.PhoneNumber(country_code=code, national_number=int(national))
+    assert main._valid_number(number) == phonenumbers.is_valid_number(number)
+
+
+@pytest.mark.parametrize("code", _CODES)
+def test_the_fast_validity_check_agrees_on_every_valid_example(code: int) -> None:
+    """libphonenumber's own example numbers, of every type, and each one digit shorter
+    and longer."""
+    import phonenumbers
+
+    for region in phonenumbers.COUNTRY_CODE_TO_REGION_CODE[code]:
+        for kind in range(12):
+            example = phonenumbers.example_number_for_type(region, kind)
+            if example is None:
+                continue
+            for national in (example.national_number, example.national_number // 10, example.national_number * 10 + 1):
+                number = phonenumbers.PhoneNumber(country_code=code, national_number=national)
+                assert main._valid_number(number) == phonenumbers.is_valid_number(number), national
