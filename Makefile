@@ -10,8 +10,8 @@ PY := $(VENV)/bin/python
 help:
 	@echo "make demo   run the job end to end on a local stack (MariaDB, Cloud Tasks emulator, webhook)"
 	@echo "make test   lint and run the whole test suite"
-	@echo "make venv   create .venv only (for a run of your own: README, Quick start)"
-	@echo "make bench  measure throughput and memory (writes a table for the README)"
+	@echo "make venv   create .venv only (for a run of your own: the README's \"A run of your own\")"
+	@echo "make bench  measure throughput and memory (the tables of docs/performance.md)"
 	@echo "make clean  remove the virtualenvs and caches"
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt

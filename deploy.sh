@@ -11,7 +11,8 @@
 #
 # Not created here: the Cloud SQL tables and the job's database user. Load schema.sql
 # and grant that user SELECT on users and SELECT, INSERT, UPDATE, DELETE on
-# scheduled_calls; without them the job (and the smoke test) exits 2 naming the grant.
+# scheduled_calls and job_runs; without them the job (and the smoke test) exits 2
+# naming the grant.
 set -euo pipefail
 # A failure inside $(...) fails the assignment, so set -e sees it.
 shopt -s inherit_errexit
@@ -507,7 +508,7 @@ setup_queues() {
 }
 
 # Queues of an earlier TASK_COUNT or QUEUE_PER_SHARD: named here, never deleted, since
-# their pending tasks still run at their time (README, "Scale out on Cloud Run").
+# their pending tasks still run at their time (docs/operations.md, "Scale out").
 report_leftover_queues() {
   local names name queue wanted depth
   names="$(query gcloud tasks queues list --location="${REGION}" --format='value(name)' \

@@ -215,8 +215,10 @@ def test_the_migrations_bring_an_old_database_to_schema_sql(
 # -- --check ----------------------------------------------------------------------------
 
 
-def check(db: Database, **extra: str) -> tuple[int, list[dict[str, object]], str]:
-    result = run_main(["--check"], job_env(db, **extra))
+def check(
+    db: Database, *args: str, **extra: str
+) -> tuple[int, list[dict[str, object]], str]:
+    result = run_main(["--check", *args], job_env(db, **extra))
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     return result.code, lines, result.stderr
 
@@ -271,14 +273,19 @@ def test_check_lists_every_bad_row_once_and_exits_1(db: Database) -> None:
 def test_check_of_a_clean_table_exits_0_and_contacts_no_cloud_tasks(db: Database) -> None:
     db.insert([{"id": i, "call_weekdays": "土日祝", "call_time": "10:00"} for i in range(1, 50)])
     # An unreachable endpoint: --check must not need it (nor a project or webhook).
+    # Thursday 2026-11-26 09:00 JST: the next 24 hours hold no weekend day or holiday
+    # 10:00; Saturday 09:00: all 49 share 10:00.
     code, lines, stderr = check(
-        db, GOOGLE_CLOUD_PROJECT="p", CLOUD_TASKS_EMULATOR_HOST="127.0.0.1:9"
-    )
+        db, "--now", "2026-11-26T09:00:00", GOOGLE_CLOUD_PROJECT="p",
+        CLOUD_TASKS_EMULATOR_HOST="127.0.0.1:9",
+    )  # fmt: skip
     assert code == 0, stderr
     [summary] = lines
-    peak = summary.pop("peak_minute")  # type: ignore[union-attr]
-    # The real clock: within 24 hours of a weekend day or holiday, all 49 share 10:00.
-    assert peak is None or peak["calls"] == 49
+    assert summary.pop("peak_minute") is None  # type: ignore[union-attr]
+    _, [saturday], _ = check(db, "--now", "2026-11-28T09:00:00")
+    assert saturday["peak_minute"] == {  # type: ignore[index]
+        "at": "2026-11-28T10:00:00+09:00", "calls": 49, "dispatch_seconds": 4.9
+    }
     assert summary == {"users_checked": 49, "rows_invalid": 0, "invalid_by_column": {},
                        "invalid_by_reason": {}, "problems": [], "shard": "0/1", "error": None}  # fmt: skip
 

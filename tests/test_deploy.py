@@ -10,6 +10,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -998,3 +999,40 @@ def test_image_dependency_set_runs_the_entrypoint(tmp_path: Path, db: Database) 
               if "==" in ln}  # fmt: skip
     installed = {ln.split("==")[0].lower() for ln in freeze.stdout.splitlines() if "==" in ln}
     assert installed <= pinned | {"pip", "setuptools"}  # every installed package is pinned
+
+
+def scale_out_commands(document: str) -> list[str]:
+    """The commands of the block under the `scale-out` marker, comments left out."""
+    text = (ROOT / document).read_text()
+    match = re.search(r"<!-- scale-out[^>]*-->\n```sh\n(.*?)```", text, re.S)
+    assert match, f"{document} has no scale-out block"
+    return [re.sub(r"\s+#.*", "", line) for line in match[1].splitlines()]
+
+
+def test_the_documented_scale_out_steps_work(deploy: Deploy) -> None:
+    """docs/operations.md's steps, as they are, on a deployment of one task: four
+    queues, both jobs with four tasks each on their own queue, the old queue named as
+    left over and kept; the Japanese document gives the same commands."""
+    steps = scale_out_commands("docs/operations.md")
+    assert steps == scale_out_commands("docs/ja/operations.md")
+    assert deploy.run().returncode == 0  # the first deploy: one task, one queue
+    (deploy.dir / "deploy.env").write_text("TASK_COUNT=4\n")  # the docs' first step
+    deploy.log.write_text("")
+    env = {**deploy.env, **SETTINGS}
+    outputs = []
+    for step in steps:
+        result = subprocess.run(
+            ["bash", "-e", "-c", step], cwd=deploy.dir, env=env, capture_output=True,
+            text=True, timeout=120,
+        )  # fmt: skip
+        assert result.returncode == 0, f"{step}: {result.stderr}"
+        outputs.append(result.stdout + result.stderr)
+    assert not [c for c in deploy.calls() if "invalid" in c], "a call the real CLI would refuse"
+    queues = [f"anpi-call-queue-{i}" for i in range(4)]
+    assert [q[3] for q in deploy.find("tasks", "queues", "create")] == queues
+    for name in (JOB, CHANGES_JOB):
+        job = deploy.rendered_job(name)
+        assert job["spec"]["template"]["spec"]["taskCount"] == 4
+        assert container_env(job)["QUEUE_PER_SHARD"] == "1"
+    assert any("queue anpi-call-queue is no longer used by the job" in out for out in outputs)
+    assert not deploy.find("queues", "delete")
