@@ -84,8 +84,8 @@ def _database_server() -> dict[str, Any]:
 
 DB_SETTINGS = _database_server()
 
-# Keeps google-auth from probing the GCE metadata server or reading real credentials
-# (see FACTS.md, "Network hygiene").
+# Keeps google-auth from probing the GCE metadata server or reading real credentials:
+# without credentials on disk it would otherwise ask 169.254.169.254.
 OFFLINE_ENV = {
     "NO_GCE_CHECK": "true",
     "GCE_METADATA_HOST": "127.0.0.1:1",

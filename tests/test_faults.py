@@ -1,7 +1,8 @@
 """Faults and bad input: nothing lost, nothing called twice, a clear word for each failure.
 
-Each test drives the job as a subprocess against the real MariaDB and the in-tests
-Cloud Tasks server with fault knobs, then checks what the queue holds.
+Each test drives the real job (in-process; as a subprocess where the process itself is
+under test: signals, credentials) against the real MariaDB and the in-tests Cloud Tasks
+server with fault knobs, then checks what the queue holds.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """One queue per shard (QUEUE_PER_SHARD=1), and changing TASK_COUNT within one window.
 
-Each run is the real job as a subprocess against the real MariaDB and the in-tests Cloud
+Each run is the real job, in-process, against the real MariaDB and the in-tests Cloud
 Tasks server, which keeps every queue apart (a task name is unique per queue) and, on a
 virtual clock, runs each task when its time comes.
 """
