@@ -179,10 +179,14 @@ def _texts(node: ast.expr, names: dict[str, list[ast.expr]]) -> list[str]:
 # -- what a document names -------------------------------------------------------------
 
 
-def named(text: str, words: set[str], *, case: bool = True) -> set[str]:
-    """The words of `words` that `text` names (as whole words)."""
-    flags = 0 if case else re.I
-    return {w for w in words if re.search(rf"(?<![\w-]){re.escape(w)}(?![\w-])", text, flags)}
+def named(text: str, words: set[str], how: str = "word") -> set[str]:
+    """The words of `words` that `text` names: as whole words ("word"; "any case"), as
+    code (`word`: "code"), or within code (a log line, quoted in part: "in code")."""
+    if how in ("code", "in code"):
+        spans = re.findall(r"`([^`\n]+)`", text)
+        return {w for w in words if any(w == s or (how == "in code" and w in s) for s in spans)}
+    pattern = r"(?<![\w-]){}(?![\w-])" if how == "word" else r"(?i)(?<![\w-]){}(?![\w-])"
+    return {w for w in words if re.search(pattern.format(re.escape(w)), text)}
 
 
 def exit_codes(text: str) -> set[str]:
@@ -209,13 +213,15 @@ def headings(text: str) -> list[str]:
     return [m[1] for m in re.finditer(r"^#{1,6} (.*)$", text, re.M)]
 
 
+# What the code defines, and how a document names it: summary keys such as `error` and
+# log lines are ordinary words too, so only their code spans count.
 VOCABULARY = {
-    "settings": lambda: job_variables() | deploy_settings(),
-    "flags": lambda: job_flags() | deploy_flags(),
-    "summary keys": summary_keys,
-    "day-2 commands": day_two_commands,
-    "alerts": alerts,
-    "log messages": log_messages,
+    "settings": (lambda: job_variables() | deploy_settings(), "word"),
+    "flags": (lambda: job_flags() | deploy_flags(), "word"),
+    "summary keys": (summary_keys, "code"),
+    "day-2 commands": (day_two_commands, "word"),
+    "alerts": (alerts, "any case"),
+    "log messages": (log_messages, "in code"),
 }
 
 
@@ -228,17 +234,17 @@ def english() -> str:
 
 @pytest.mark.parametrize("kind", sorted(VOCABULARY))
 def test_the_english_operator_documents_name_everything_the_code_defines(kind: str) -> None:
-    words = VOCABULARY[kind]()
+    words, how = VOCABULARY[kind][0](), VOCABULARY[kind][1]
     assert words, f"found no {kind} in the code: the extraction is broken"
-    missing = sorted(words - named(english(), words, case=kind != "alerts"))
+    missing = sorted(words - named(english(), words, how))
     assert not missing, f"no English operator document names these {kind}: {missing}"
 
 
 def test_troubleshooting_has_a_heading_per_alert_and_log_line() -> None:
     text = " ".join(headings(read("docs/troubleshooting.md")))
     for kind in ("alerts", "log messages"):
-        words = VOCABULARY[kind]()
-        missing = sorted(words - named(text, words, case=False))
+        words = VOCABULARY[kind][0]()
+        missing = sorted(words - named(text, words, "any case"))
         assert not missing, f"docs/troubleshooting.md has no heading for these {kind}: {missing}"
 
 
@@ -282,11 +288,10 @@ def _defaults(rows: list[list[str]], separator: str) -> dict[str, str | None]:
 @pytest.mark.parametrize("english_name", sorted(PAIRS))
 def test_each_japanese_document_names_what_its_english_one_names(english_name: str) -> None:
     en, ja = read(english_name), read(PAIRS[english_name])
-    for kind, words in VOCABULARY.items():
-        words = words()
-        case = kind not in ("alerts",)
-        only_en = sorted(named(en, words, case=case) - named(ja, words, case=case))
-        only_ja = sorted(named(ja, words, case=case) - named(en, words, case=case))
+    for kind, (defined, how) in VOCABULARY.items():
+        words = defined()
+        only_en = sorted(named(en, words, how) - named(ja, words, how))
+        only_ja = sorted(named(ja, words, how) - named(en, words, how))
         assert not only_en, f"{PAIRS[english_name]} lacks these {kind}: {only_en}"
         assert not only_ja, f"{english_name} lacks these {kind}: {only_ja}"
     assert exit_codes(ja) == exit_codes(en), "the exit-code tables differ"
@@ -310,9 +315,10 @@ def test_the_check_detects_a_missing_name() -> None:
         ja.replace("SCHEDULED_CALLS_RETENTION_DAYS", ""), job_variables()
     )
     trouble = read("docs/ja/troubleshooting.md")
-    assert "call missed: no complete run covered it" in named(trouble, log_messages())
-    cut = trouble.replace("call missed: no complete run covered it", "call missed")
-    assert "call missed: no complete run covered it" not in named(cut, log_messages())
+    missed = "call missed: no complete run covered it"
+    assert missed in named(trouble, log_messages(), "in code")
+    cut = trouble.replace(missed, "call missed")
+    assert missed not in named(cut, log_messages(), "in code")
     assert "quick runs keep failing" in alerts()
 
 
