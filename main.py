@@ -2707,7 +2707,10 @@ class Placement:
             if not self.firing(item.key.instant):
                 ahead.append(item)
             elif item.listed or (
-                self.listing is None and item.key.instant > self.clock() - FIRING_MARGIN
+                # Not listed, and no listing shows whether it is pending (a quick run,
+                # or a call recorded on another queue, after a change of TASK_COUNT).
+                (self.listing is None or item.queue != self.own_queue)
+                and item.key.instant > self.clock() - FIRING_MARGIN
             ):
                 log.warning(
                     "stale task left on the queue: it is due within %ds and may be firing",

@@ -423,3 +423,19 @@ def test_a_long_run_retires_a_stale_call_near_its_time_before_creating_the_rest(
     assert {k: v for k, v in executions(dispatching).items() if k[0] == 1} == {
         (1, "2026-11-30T09:04:00+09:00"): 1
     }
+
+
+def test_a_stale_call_left_on_another_queue_is_counted_and_logged(
+    db: Database, dispatching: FakeCloudTasks, clock: VirtualClock
+) -> None:
+    """After 1 -> 2 shards, user 1's call sits on the old queue-0, which shard 1/2 does
+    not list. Paused 40 s before the call, it may be firing: left on the queue, counted
+    in deletes_skipped and logged, as on the run's own queue."""
+    db.insert([{"id": 1, "call_weekdays": "daily", "call_time": "09:00"}])
+    assert run_main([], shard_env(db, dispatching, 0, 1), clock).summary["tasks_created"] == 1
+    db.execute("UPDATE users SET pause_from = '2026-11-30' WHERE id = 1")
+    clock.now = at(9) - dt.timedelta(seconds=40)
+    result = run_main([], shard_env(db, dispatching, 1, 2), clock)
+    assert result.code == 0, result.stderr
+    assert result.summary["deletes_skipped"] == 1 and result.summary["tasks_deleted"] == 0
+    assert "stale task left on the queue" in result.stderr
