@@ -1761,17 +1761,24 @@ class CallRecord:
         return queues
 
     def instants_of(
-        self, user_ids: Iterable[int], start: dt.datetime, end: dt.datetime
+        self,
+        user_ids: Iterable[int],
+        start: dt.datetime,
+        end: dt.datetime,
+        *,
+        created: bool = False,
     ) -> dict[int, set[dt.datetime]]:
         """For each user, the instants in [start, end] of calls with an id that is not
-        `deleted`: calls that may have run or may still run. Read from the table, beyond
-        the loaded window."""
+        `deleted`: calls that may have run or may still run (`created`: only those whose
+        create was confirmed, calls that surely did). Read from the table, beyond the
+        loaded window."""
         found: dict[int, set[dt.datetime]] = {}
+        surely = " AND created_at IS NOT NULL" if created else ""
         for chunk in chunks(sorted(set(user_ids)), RECORD_BATCH):
             sql = (
                 "SELECT user_id, call_at FROM scheduled_calls WHERE user_id IN ("
                 + ", ".join(["%s"] * len(chunk))
-                + ") AND call_at >= %s AND call_at <= %s AND state != 'deleted'"
+                + f") AND call_at >= %s AND call_at <= %s AND state != 'deleted'{surely}"
             )
             with self._writer.query() as cur:
                 cur.execute(sql, [*chunk, naive_utc(start), naive_utc(end)])
@@ -2209,6 +2216,8 @@ class Step(enum.Enum):
 CREATING = frozenset({Step.CREATE, Step.REPLACE, Step.RESOLVE, Step.NEW})
 # The reason an earlier run recorded when it could not tell whether a call had run.
 CANNOT_TELL = "cannot tell whether it ran: not created again"
+# The reason of an id being deleted, retired because its call is wanted again ahead.
+REPLACED = "replaced: a delete of it was never confirmed"
 
 
 class Intent(NamedTuple):
@@ -2306,15 +2315,18 @@ class Placement:
        call that would be created, and otherwise within their window (their grace
        sees each call for a quarter of an hour after its time).
     5. **Retiring a stale id** is mark, delete, confirm: marked `deleting`
-       (committed), deleted, and marked `deleted` only when DeleteTask answered while
-       the call was still ahead, so surely before it ran; a `deleted` id never becomes
-       planned again. An id whose create was never confirmed is created first, then
-       deleted: a create still in flight from a run that lost its lock then meets
-       ALREADY_EXISTS for an hour. No create or delete of a stale id is attempted or
-       retried once its call is within the margin; an id marked but left that way gets
-       its earlier state back, and is said to be left. A user's stale ids are retired
-       as soon as the run has read the user's row, before the user's calls are
-       created: the nearest calls first, since the window is read in time order.
+       (committed), deleted, and marked `deleted` once DeleteTask answered: it is
+       sent only while the call is ahead of the margin, with a deadline that ends
+       before it, so it took effect before the call could run (however late its
+       answer came); a `deleted` id never becomes planned again. An id whose create
+       was never confirmed is created first, then deleted: a create still in flight
+       from a run that lost its lock then meets ALREADY_EXISTS for an hour (taking
+       the name is retried for at most ENQUEUE_DEADLINE_SECONDS). No create or delete
+       of a stale id is attempted or retried once its call is within the margin; an
+       id marked but left that way gets its earlier state back, and is said to be
+       left. A user's stale ids are retired as soon as the run has read the user's
+       row, before the user's calls are created: the nearest calls first, since the
+       window is read in time order.
     6. **Only while holding the run lock.** Before every batch that creates or
        deletes, the run checks it still holds its shard's lock; after any failed write
        to the record it creates and deletes nothing more.
@@ -2527,12 +2539,10 @@ class Placement:
             ]
         )
 
-    def prepare(self, calls: Sequence[Call]) -> list[Intent | Placed]:
-        """Rules 3, 4 and 6 for one batch: check the lock, apply rule 4, retire the
-        duplicates and what rule 4 turns away, record the new ids and the kept listed
-        ones, and confirm the creates of earlier batches (one commit each). What needs
-        no Cloud Tasks call comes back as Placed already."""
-        self.writer.assert_locked()
+    def decide(self, calls: Sequence[Call]) -> tuple[list[Intent | Placed], list[Stale]]:
+        """Rules 3 and 4 for one batch, with no effect: each call's intent (or Placed
+        already, when rule 4 or an earlier run's "cannot tell" turns it away), and the
+        ids to retire: the calls' duplicates and what rule 4 turns away."""
         intents = [self.look(call) for call in calls]
         examined = [
             i.call
@@ -2541,9 +2551,9 @@ class Placement:
         ]
         elsewhere = self._earlier_calls(examined)
         decided: list[Intent | Placed] = []
-        writes, new, doomed = self._take_confirmed(), [], []
+        doomed: list[Stale] = []
         for intent in intents:
-            call, alternative = intent.call, intent.alternative
+            call = intent.call
             if intent.step is Step.SETTLED:
                 decided.append(Placed(Outcome.SKIPPED))
                 continue
@@ -2553,17 +2563,30 @@ class Placement:
                 doomed += [self._stale(call, a, reason) for a in self._live(call.key)]
                 continue
             if intent.duplicates:
-                keep = f"duplicate of {call.task_id(alternative)}"
+                keep = f"duplicate of {call.task_id(intent.alternative)}"
                 doomed += [self._stale(call, a, keep) for a in intent.duplicates]
+            decided.append(intent)
+        return decided, doomed
+
+    def prepare(self, calls: Sequence[Call]) -> list[Intent | Placed]:
+        """Rules 3, 4 and 6 for one batch: check the lock, decide, retire what the
+        decision turns away, record the new ids and the kept listed ones, and confirm
+        the creates of earlier batches (one commit each). What needs no Cloud Tasks call
+        comes back as Placed already."""
+        self.writer.assert_locked()
+        decided, doomed = self.decide(calls)
+        writes, new = self._take_confirmed(), []
+        for i, intent in enumerate(decided):
+            if isinstance(intent, Placed):
+                continue
+            call, alternative = intent.call, intent.alternative
             if intent.step is Step.KEEP:
                 writes.append(Entry(call.key, alternative, PLANNED, created=True))
-                decided.append(Placed(Outcome.EXISTING, alternative))
+                decided[i] = Placed(Outcome.EXISTING, alternative)
             elif intent.step is Step.TRUST:
-                decided.append(Placed(Outcome.EXISTING, alternative))
-            else:
-                if intent.step is Step.NEW:
-                    new.append(Entry(call.key, alternative, PLANNED))
-                decided.append(intent)
+                decided[i] = Placed(Outcome.EXISTING, alternative)
+            elif intent.step is Step.NEW:
+                new.append(Entry(call.key, alternative, PLANNED))
         self.record.write(writes)
         if self.reconciling:
             self.retire(doomed)
@@ -2576,17 +2599,18 @@ class Placement:
         ]
 
     def preview(self, calls: Sequence[Call]) -> None:
-        """A dry run's `prepare`: print the id each call would get (rule 4's reading of
-        the table beyond the window, and every RPC, left out)."""
+        """A dry run's `prepare`: print the id each call would get, and retire (print)
+        what the run would, every RPC left out."""
         assert self.out is not None
-        doomed = []
-        for call in calls:
-            intent = self.look(call)
+        decided, doomed = self.decide(calls)
+        for intent in decided:
+            if isinstance(intent, Placed):
+                continue
+            call = intent.call
+            if intent.step is Step.REPLACE:  # what `_replace` retires first
+                doomed += [self._stale(call, a, REPLACED) for a in self._live(call.key)]
             line = {"task_id": call.task_id(intent.alternative), "user_id": call.user_id}
             self.out(json.dumps({**line, "scheduled_at": call.scheduled_at}))
-            if intent.duplicates:
-                keep = f"duplicate of {call.task_id(intent.alternative)}"
-                doomed += [self._stale(call, a, keep) for a in intent.duplicates]
         if self.reconciling:
             self.retire(doomed)
 
@@ -2692,8 +2716,7 @@ class Placement:
     def _replace(self, call: Call) -> bool:
         """Rules 3a and 3c, the call ahead: retire every id of it that may be pending;
         True when all are gone."""
-        reason = "replaced: a delete of it was never confirmed"
-        tally = self.retire([self._stale(call, a, reason) for a in self._live(call.key)])
+        tally = self.retire([self._stale(call, a, REPLACED) for a in self._live(call.key)])
         return tally.failed == 0 and tally.skipped == 0
 
     # -- retiring ----------------------------------------------------------------
@@ -2757,10 +2780,9 @@ class Placement:
                 tally += Tally(failed=1)
             elif result == "left":
                 tally += Tally(skipped=1)
-            else:
+            else:  # answered within a deadline that ended before the margin: never ran
                 tally += Tally(deleted=int(result == "deleted"))
-                if not self.firing(item.key.instant):
-                    confirmed.append(Entry(item.key, item.alternative, DELETED, item.reason))
+                confirmed.append(Entry(item.key, item.alternative, DELETED, item.reason))
         try:
             self.record.write(confirmed)
         except DatabaseError as exc:  # they stay "deleting": safe, only less certain
@@ -2783,7 +2805,8 @@ class Placement:
                 # the time left, so that the delete is still sent before the margin.
                 if self._left(item) <= 2 * ATTEMPT_SECONDS:
                     return self._left_alone(item)
-                if sink.create(item.call, item.task_id, self._left(item) / 2) is Created.FAILED:
+                seconds = min(self._left(item) / 2, self.config.enqueue_deadline_seconds)
+                if sink.create(item.call, item.task_id, seconds) is Created.FAILED:
                     return None
                 if self._left(item) <= 0:  # its answer came after its deadline (assumed never)
                     log.error(
@@ -3321,9 +3344,9 @@ def _unplaced(
     past: Sequence[PastRun],
 ) -> list[tuple[Call, int | None]]:
     """The calls of `window` the table wants that no complete run covered and no run
-    surely placed (no id with a confirmed create), leaving out those whose row had
-    another call that local date. With each, the id recorded for it, if any (its
-    create may have landed unconfirmed)."""
+    surely placed (no id with a confirmed create), leaving out those whose row surely
+    had another call that local date (a confirmed create). With each, the id recorded
+    for it, if any (its create may have landed unconfirmed)."""
     record = CallRecord(writer, config, clock)
     record.load(window)
     candidates = []
@@ -3341,7 +3364,10 @@ def _unplaced(
     if not candidates:
         return []
     others = record.instants_of(
-        {c.user_id for c, _ in candidates}, window.start - DAY_REACH, window.end + DAY_REACH
+        {c.user_id for c, _ in candidates},
+        window.start - DAY_REACH,
+        window.end + DAY_REACH,
+        created=True,
     )
     return [
         (c, recorded)
@@ -3370,7 +3396,8 @@ def finish(
         except DatabaseError as exc:
             log.warning("could not purge old rows of the job's tables: %s", exc)
     try:
-        history.end(summary.exit_code == 0, audited)
+        # A stop part-way leaves the rest of the window unread: not complete.
+        history.end(summary.exit_code == 0 and not stop.is_set(), audited)
     except DatabaseError as exc:
         summary.fail(f"could not note the run in job_runs: {exc}")
 

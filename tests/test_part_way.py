@@ -1,7 +1,9 @@
 """Part-way failures a second review reproduced, each driven as it happens: a run that
 could not note itself, two shard counts at once, a name taken just before a delete, a
 connection cut off by the network, a verdict asked again every minute, a typo after a
-failed create, a lost reader, and a long run with a stale call near its time.
+failed create, a lost reader, and a long run with a stale call near its time; and, from
+a third review, a delete answered late, a stop between parts, a slow name taken before a
+delete, an audit after an outage, and what a dry run prints.
 
 The job runs in-process on a virtual clock that the dispatching in-tests Cloud Tasks
 server shares.
@@ -12,6 +14,8 @@ from __future__ import annotations
 import collections
 import contextlib
 import datetime as dt
+import os
+import signal
 import socket
 import threading
 from collections.abc import Iterator
@@ -439,3 +443,171 @@ def test_a_stale_call_left_on_another_queue_is_counted_and_logged(
     assert result.code == 0, result.stderr
     assert result.summary["deletes_skipped"] == 1 and result.summary["tasks_deleted"] == 0
     assert "stale task left on the queue" in result.stderr
+
+
+# -- a third review ----------------------------------------------------------------------
+
+
+def test_a_delete_answered_late_still_marks_the_id_deleted_and_the_moved_call_is_made(
+    db: Database, dispatching: FakeCloudTasks, clock: VirtualClock
+) -> None:
+    """09:00 moved to 09:30 just over a minute before: the quick run's DeleteTask takes
+    effect 60.5 s before the call, its answer comes 59.5 s before. The delete was sent
+    with a deadline ending before the margin, so the id is `deleted`, and 09:30 is made."""
+    env = job_env(db, dispatching)
+    db.insert([{"id": 1, "call_weekdays": "daily", "call_time": "09:00"}])
+    clock.now = at(8, 1)
+    assert run_main([], env, clock).code == 0
+    db.execute("UPDATE users SET call_time = '09:30' WHERE id = 1")
+    clock.now = at(8, 58, 58) + dt.timedelta(milliseconds=500)
+
+    def slow(method: str, *_: object) -> None:
+        if method == "DeleteTask":
+            clock.advance(seconds=1)
+
+    dispatching.before_rpc, dispatching.on_rpc = slow, slow
+    quick = run_main(["--changes"], env, clock)
+    dispatching.before_rpc = dispatching.on_rpc = None
+    assert quick.code == 0 and quick.summary["tasks_deleted"] == 1, quick.stderr
+    assert (1, 0, "deleted") in states(db)
+    for when, args in ((at(8, 59, 30), ["--changes"]), (at(9, 1), []), (at(9, 5), ["--changes"])):
+        clock.now = when
+        assert run_main(args, env, clock).code == 0
+    clock.now = at(9, 45)
+    dispatching.run_due()
+    assert executions(dispatching) == {(1, "2026-11-30T09:30:00+09:00"): 1}
+
+
+def test_a_run_stopped_between_parts_is_not_noted_complete(
+    db: Database, dispatching: FakeCloudTasks, clock: VirtualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM between two parts of the window: the run says interrupted and exit 1, and
+    job_runs does not call it complete, so the audit does not take its window as covered."""
+    env = job_env(db, dispatching)
+    clock.now = at(7, 1)
+    assert run_main([], env, clock).code == 0
+    db.insert([{"id": 1, "call_weekdays": "daily", "call_time": "08:30"}])
+    whole = main.slices
+
+    def then_stopped(window: main.Window, size: dt.timedelta = main.SLICE) -> Iterator[main.Window]:
+        for n, part in enumerate(whole(window, size)):
+            if n == 1:
+                os.kill(os.getpid(), signal.SIGTERM)  # Cloud Run stops the task here
+            yield part
+
+    monkeypatch.setattr(main, "slices", then_stopped)
+    clock.now = at(8, 1)
+    quick = run_main(["--changes"], env, clock)
+    assert quick.code == 1 and quick.summary["interrupted"], quick.stderr
+    with db.connect() as conn, conn.cursor() as cur:
+        cur.execute("SELECT kind, complete FROM job_runs ORDER BY id DESC LIMIT 1")
+        assert cur.fetchone() == ("changes", 0)
+
+
+def test_taking_a_stale_name_is_retried_only_within_the_enqueue_deadline(
+    db: Database, dispatching: FakeCloudTasks, clock: VirtualClock
+) -> None:
+    """A stale id never confirmed (its run died), in a CreateTask outage: taking its name
+    before the delete gives up within ENQUEUE_DEADLINE_SECONDS (2 s here), not within half
+    the hour before its call, so the run does not hold its shard meanwhile."""
+    env = job_env(db, dispatching, ENQUEUE_DEADLINE_SECONDS="2")
+    db.insert([{"id": 1, "call_weekdays": "daily", "call_time": "09:00", "is_active": 0}])
+    insert_record(db, 1, at(9), 0, "planned")
+    clock.now = at(8, 1)
+    dispatching.faults.method_errors["CreateTask"] = grpc.StatusCode.UNAVAILABLE
+    results: list[JobResult] = []
+    run = threading.Thread(target=lambda: results.append(run_main([], env, clock)))
+    run.start()
+    run.join(15)
+    held = run.is_alive()
+    del dispatching.faults.method_errors["CreateTask"]  # lets a run still retrying end
+    run.join(60)
+    assert not held, "taking the name outlasted ENQUEUE_DEADLINE_SECONDS"
+    assert results[0].code == 1 and results[0].summary["deletes_failed"] == 1, results[0].stderr
+
+
+def test_the_audit_names_a_moved_call_whose_earlier_id_was_never_created(
+    db: Database, dispatching: FakeCloudTasks, clock: VirtualClock
+) -> None:
+    """In a CreateTask outage, 09:00 is recorded but never created; the call moves to
+    09:10, which fails too. Nobody was called: 09:10 is named missed, not hidden by the
+    09:00 id that never became a task."""
+    env = job_env(db, dispatching, ENQUEUE_DEADLINE_SECONDS="1")
+    db.insert([{"id": 1, "call_weekdays": "daily", "call_time": "09:00"}])
+    clock.now = at(6, 1)
+    assert run_main([], env, clock).code == 0  # audits from here on (09:00 not yet in its window)
+    dispatching.faults.method_errors["CreateTask"] = grpc.StatusCode.UNAVAILABLE
+    clock.now = at(7, 1)
+    assert run_main([], env, clock).code == 1  # 09:00 recorded, its create fails
+    db.execute("UPDATE users SET call_time = '09:10' WHERE id = 1")
+    clock.now = at(8, 58, 39)
+    assert run_main(["--changes"], env, clock).code == 1  # 09:00 retired (fails), 09:10 fails
+    del dispatching.faults.method_errors["CreateTask"]
+    clock.now = at(9, 30)
+    after = run_main(["--changes"], env, clock)  # audits up to 09:15
+    clock.now = at(9, 40)
+    dispatching.run_due()
+    assert dispatching.executions == []
+    assert after.summary["calls_missed"] == 1, after.stderr
+    assert "call missed: no complete run covered it" in after.stderr
+
+
+@pytest.mark.parametrize("args", [["--changes"], []], ids=["quick", "hourly"])
+def test_a_dry_run_prints_no_call_that_rule_4_turns_away(
+    db: Database, dispatching: FakeCloudTasks, clock: VirtualClock, args: list[str]
+) -> None:
+    """09:00 was called, then moved to 09:40: the real run makes no second call that day,
+    and the dry run prints none either, but the deletion of nothing."""
+    env = job_env(db, dispatching)
+    db.insert([{"id": 1, "call_weekdays": "daily", "call_time": "09:00"}])
+    clock.now = at(8, 1)
+    assert run_main([], env, clock).code == 0
+    clock.now = at(9, 1)
+    dispatching.run_due()
+    db.execute("UPDATE users SET call_time = '09:40' WHERE id = 1")
+    clock.now = at(9, 6)
+    dry = run_main([*args, "--dry-run"], env, clock)
+    real = run_main(args, env, clock)
+    assert real.summary["calls_skipped"] == 1 and real.summary["tasks_created"] == 0
+    assert [line for line in dry.plan if "task_id" in line] == [], dry.plan
+
+
+def test_a_dry_run_prints_no_call_an_earlier_run_could_not_tell_about(
+    db: Database, dispatching: FakeCloudTasks, clock: VirtualClock
+) -> None:
+    """An earlier run recorded "cannot tell whether it ran": the real run does not ask
+    again and makes no call, and the dry run prints no `-r1` for it."""
+    env = job_env(db, dispatching)
+    db.insert([{"id": 1, "call_weekdays": "daily", "call_time": "09:00"}])
+    with db.connect() as conn, conn.cursor() as cur:
+        cur.execute(
+            "INSERT INTO scheduled_calls (call_at, user_id, alternative, task_id, state, reason)"
+            " VALUES (%s, 1, 0, %s, 'deleting', %s)",
+            (at(9).astimezone(UTC).replace(tzinfo=None), tid(1, at(9)), main.CANNOT_TELL),
+        )
+    clock.now = at(9, 2)
+    dry = run_main(["--changes", "--dry-run"], env, clock)
+    real = run_main(["--changes"], env, clock)
+    assert real.summary["calls_skipped"] == 1 and real.summary["tasks_created"] == 0
+    assert [line for line in dry.plan if "task_id" in line] == [], dry.plan
+
+
+def test_a_dry_run_prints_the_deletes_a_replacement_makes(
+    db: Database, dispatching: FakeCloudTasks, clock: VirtualClock
+) -> None:
+    """An id left `deleting` while its call is ahead: the real run retires it, then gives
+    the call the next id; the dry run prints both, the delete and the `-r1`."""
+    env = job_env(db, dispatching)
+    db.insert([{"id": 1, "call_weekdays": "daily", "call_time": "09:00"}])
+    clock.now = at(8, 1)
+    assert run_main([], env, clock).code == 0
+    db.execute("UPDATE scheduled_calls SET state = 'deleting' WHERE user_id = 1")
+    clock.now = at(8, 5)
+    dry = run_main(["--changes", "--dry-run"], env, clock)
+    assert {"delete": tid(1, at(9)), "user_id": 1, "reason": main.REPLACED} in [
+        {k: line.get(k) for k in ("delete", "user_id", "reason")} for line in dry.plan
+    ], dry.plan
+    assert tid(1, at(9), 1) in [line.get("task_id") for line in dry.plan]
+    real = run_main(["--changes"], env, clock)
+    assert real.summary["tasks_deleted"] == 1 and real.summary["tasks_created"] == 1
+    assert dispatching.task_ids() == [tid(1, at(9), 1)]
