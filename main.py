@@ -2214,6 +2214,20 @@ class Step(enum.Enum):
 
 
 CREATING = frozenset({Step.CREATE, Step.REPLACE, Step.RESOLVE, Step.NEW})
+
+
+class Retired(enum.Enum):
+    """What one delete of a marked id came to (rule 5)."""
+
+    DELETED = "deleted"  # answered before the call's time: it never ran
+    GONE = "gone"  # NOT_FOUND before the call's time: deleted already, or never created
+    DELETED_LATE = "deleted late"  # answered once the call's time had come: it may have run
+    GONE_LATE = "gone late"  # NOT_FOUND once the call's time had come: it may have run
+    LEFT = "left"  # too close to its time to act on: its earlier state back
+    FAILED = "failed"  # logged; the mark stays
+
+
+CONFIRMED = frozenset({Retired.DELETED, Retired.GONE})
 # The reason an earlier run recorded when it could not tell whether a call had run.
 CANNOT_TELL = "cannot tell whether it ran: not created again"
 # The reason of an id being deleted, retired because its call is wanted again ahead.
@@ -2315,10 +2329,11 @@ class Placement:
        call that would be created, and otherwise within their window (their grace
        sees each call for a quarter of an hour after its time).
     5. **Retiring a stale id** is mark, delete, confirm: marked `deleting`
-       (committed), deleted, and marked `deleted` once DeleteTask answered: it is
-       sent only while the call is ahead of the margin, with a deadline that ends
-       before it, so it took effect before the call could run (however late its
-       answer came); a `deleted` id never becomes planned again. An id whose create
+       (committed), deleted, and marked `deleted` once DeleteTask answered before
+       the call's time: it took effect before then, and Cloud Tasks dispatches no
+       task before its time, so it surely never ran; a `deleted` id never becomes
+       planned again. (The delete is sent only while the call is ahead of the
+       margin, with a deadline that ends before it.) An id whose create
        was never confirmed is created first, then deleted: a create still in flight
        from a run that lost its lock then meets ALREADY_EXISTS for an hour (taking
        the name is retried for at most ENQUEUE_DEADLINE_SECONDS). No create or delete
@@ -2776,12 +2791,12 @@ class Placement:
             return Tally(failed=len(chunk))
         tally, confirmed = Tally(), []
         for item, result in zip(chunk, self._pool.map(self._retire_one, chunk), strict=True):
-            if result is None:
-                tally += Tally(failed=1)
-            elif result == "left":
-                tally += Tally(skipped=1)
-            else:  # answered within a deadline that ended before the margin: never ran
-                tally += Tally(deleted=int(result == "deleted"))
+            tally += Tally(
+                deleted=int(result in (Retired.DELETED, Retired.DELETED_LATE)),
+                skipped=int(result is Retired.LEFT),
+                failed=int(result is Retired.FAILED),
+            )
+            if result in CONFIRMED:
                 confirmed.append(Entry(item.key, item.alternative, DELETED, item.reason))
         try:
             self.record.write(confirmed)
@@ -2790,15 +2805,14 @@ class Placement:
             return tally + Tally(failed=len(confirmed))
         return tally
 
-    def _retire_one(self, item: Stale) -> str | None:
-        """Delete one marked id: "deleted", "gone" (already), "left" (too close now, its
-        earlier state back), or None (failed, logged)."""
+    def _retire_one(self, item: Stale) -> Retired:
+        """Delete one marked id."""
         extra = (
             item.extra() if item.queue == self.own_queue else {**item.extra(), "queue": item.queue}
         )
         try:
             if self.stop.is_set() or self.writer.failed:
-                return None
+                return Retired.FAILED
             sink = self.queues.of(item.queue)
             if not (item.listed or (item.recorded and item.recorded.created)):
                 # A create of it may still be in flight: take the name first, within half
@@ -2807,28 +2821,32 @@ class Placement:
                     return self._left_alone(item)
                 seconds = min(self._left(item) / 2, self.config.enqueue_deadline_seconds)
                 if sink.create(item.call, item.task_id, seconds) is Created.FAILED:
-                    return None
+                    return Retired.FAILED
                 if self._left(item) <= 0:  # its answer came after its deadline (assumed never)
                     log.error(
                         "took a stale task's name but no time was left to delete it", extra=extra
                     )
-                    return None
+                    return Retired.FAILED
             left = self._left(item)
             if left <= 0:
                 return self._left_alone(item)
             gone = sink.delete(item.task_id, min(left, self.config.enqueue_deadline_seconds))
         except (gexc.GoogleAPICallError, gexc.RetryError, QueueError, DatabaseError) as exc:
             log.error("could not delete a stale task: %s", exc, extra=extra)
-            return None
+            return Retired.FAILED
+        # Answered before the call's time, it took effect before then: the task never
+        # ran, since Cloud Tasks dispatches none before its time (rule 5).
+        in_time = self.clock() < item.key.instant
         if gone:
             log.info("deleted a stale task", extra=extra)
-        return "deleted" if gone else "gone"
+            return Retired.DELETED if in_time else Retired.DELETED_LATE
+        return Retired.GONE if in_time else Retired.GONE_LATE
 
     def _left(self, item: Stale) -> float:
         """Seconds until `item`'s call is within the margin."""
         return (item.key.instant - FIRING_MARGIN - self.clock()).total_seconds()
 
-    def _left_alone(self, item: Stale) -> str:
+    def _left_alone(self, item: Stale) -> Retired:
         """A marked id too close to its time to act on: its earlier state back, logged."""
         log.warning(
             "stale task left on the queue: it is due within %ds and may be firing",
@@ -2838,7 +2856,7 @@ class Placement:
         if item.recorded is not None:
             recorded = item.recorded
             self.record.write([Entry(item.key, item.alternative, recorded.state, recorded.reason)])
-        return "left"
+        return Retired.LEFT
 
 
 # ---------------------------------------------------------------------------

@@ -497,20 +497,22 @@ def test_an_unconfirmed_delete_of_a_future_call_gets_the_next_id(
     assert queue.task_ids() == [tid(1, at(9), 1)]
 
 
-def test_a_delete_that_answers_inside_the_margin_stays_unconfirmed(
-    db: Database, queue: FakeCloudTasks, clock: VirtualClock
+@pytest.mark.parametrize(("answered_after", "state"), [(6, "deleted"), (70, "deleting")])
+def test_a_delete_is_confirmed_only_when_it_answered_before_the_call(
+    db: Database, queue: FakeCloudTasks, clock: VirtualClock, answered_after: int, state: str
 ) -> None:
-    """Deleted 65 s ahead, but DeleteTask answered 6 s later, inside the margin: the
-    record keeps `deleting`, because the task may have been dispatched."""
+    """Deleted 65 s ahead. Answered 6 s later, inside the margin but before the call's
+    time, the delete took effect before any dispatch: `deleted`. Answered 70 s later,
+    after the call's time, the task may have run first: the record keeps `deleting`."""
     call = clock.now + dt.timedelta(seconds=65)
     db.insert([{"id": 1, "call_weekdays": "daily", "call_time": call.time().isoformat()}])
     assert job(db, queue, clock).summary["tasks_created"] == 1
     db.execute("UPDATE users SET is_active = 0")
-    slow(queue, clock, "DeleteTask", 6)
+    slow(queue, clock, "DeleteTask", answered_after)
     result = job(db, queue, clock)
     assert result.code == 0, result.stderr
     assert result.summary["tasks_deleted"] == 1
-    assert [r[4] for r in records(db)] == ["deleting"]
+    assert [r[4] for r in records(db)] == [state]
 
 
 def test_no_delete_is_retried_into_the_firing_margin(db: Database, queue: FakeCloudTasks) -> None:
