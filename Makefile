@@ -33,8 +33,9 @@ lint: $(VENV)/.installed
 	$(PY) -m ruff format --check main.py
 	$(PY) -m mypy main.py
 
+# One worker per core; a file's tests stay on one worker (--dist loadfile).
 pytest: $(VENV)/.installed $(EMULATOR_VENV)/.installed
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto --dist loadfile
 
 test: lint pytest
 

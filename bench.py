@@ -76,7 +76,7 @@ def run_job(args: list[str], env: dict[str, str], keep_plan: bool = False) -> Me
 FLOOR = """
 import json, sys, pymysql
 settings, queries = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-conn = pymysql.connect(**settings, cursorclass=pymysql.cursors.SSCursor, ssl_disabled=True)
+conn = pymysql.connect(**settings, cursorclass=pymysql.cursors.SSCursor)  # ssl_disabled in it
 rows = 0
 with conn.cursor() as cur:
     for sql, args in queries:

@@ -46,7 +46,7 @@ def demo_db() -> Iterator[str]:
         yield name
     finally:
         if localdb.answers("127.0.0.1", 3306):  # else the demo's private server is gone
-            with pymysql.connect(host="127.0.0.1", port=3306, user="root") as conn, conn.cursor() as cur:
+            with pymysql.connect(host="127.0.0.1", port=3306, user="root", ssl_disabled=True) as conn, conn.cursor() as cur:
                 cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
 
 

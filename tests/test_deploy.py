@@ -67,6 +67,11 @@ class Deploy:
         gcloud = bin_dir / "gcloud"
         gcloud.write_text(f"#!/bin/sh\nexec {sys.executable} {ROOT / 'tests' / 'fake_gcloud.py'} \"$@\"\n")
         gcloud.chmod(0o755)
+        # deploy.sh's waits (retries, IAM propagation) pass at once and are recorded.
+        self.sleeps = tmp / "sleeps.log"
+        sleep = bin_dir / "sleep"
+        sleep.write_text(f'#!/bin/sh\necho "$1" >> {self.sleeps}\n')
+        sleep.chmod(0o755)
         self.log = tmp / "gcloud.log"
         self.state = tmp / "gcloud.json"
         self.state.write_text(json.dumps({"secrets": ["anpi-db-password"], "resources": {}}))
@@ -96,6 +101,10 @@ class Deploy:
         assert not invalid, f"gcloud calls the real CLI would refuse: {invalid}"
         assert not list((self.dir.parent / "tmp").iterdir()), "temporary files left behind"
         return result
+
+    def waits(self) -> list[str]:
+        """The seconds deploy.sh slept, in order, over all its runs."""
+        return self.sleeps.read_text().split() if self.sleeps.exists() else []
 
     def calls(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.log.read_text().splitlines()]
@@ -432,6 +441,7 @@ def test_iam_bindings_are_retried_while_a_new_account_propagates(deploy: Deploy)
     assert result.stderr.count("IAM not ready yet") == 2
     attempts = [c["rc"] for c in deploy.calls() if "add-iam-policy-binding" in c["argv"]]
     assert attempts[:3] == [1, 1, 0]  # the first binding: twice "does not exist", then done
+    assert deploy.waits() == ["1", "2"]  # backoff
     assert ("project", "anpi-prod", RUNTIME_SA, "roles/cloudsql.client") in deploy.bindings()
 
 
@@ -440,7 +450,8 @@ def test_iam_retries_are_bounded(deploy: Deploy) -> None:
     result = deploy.run("--infrastructure-only", IAM_RETRY_SECONDS="3")
     assert result.returncode == 1
     assert "does not exist" in result.stderr and "failed (after 3s of retries): gcloud projects add-iam-policy-binding" in result.stderr
-    assert len([c for c in deploy.calls() if "add-iam-policy-binding" in c["argv"]]) == 3  # 1+2 s
+    assert len([c for c in deploy.calls() if "add-iam-policy-binding" in c["argv"]]) == 3
+    assert deploy.waits() == ["1", "2"]  # the next wait, 4 s, would pass the 3 s limit
 
 
 def test_the_smoke_test_waits_for_iam_and_retries_once(deploy: Deploy) -> None:
@@ -450,6 +461,7 @@ def test_the_smoke_test_waits_for_iam_and_retries_once(deploy: Deploy) -> None:
     assert "waiting 1s for the new IAM grants" in result.stderr
     assert "retrying once in 1s" in result.stderr
     assert [c["rc"] for c in deploy.calls() if "execute" in c["argv"]] == [1, 0, 0, 0]
+    assert deploy.waits() == ["1", "1"]  # for the grants, then before the retry
 
 
 def test_skip_test_and_a_failing_smoke_test(deploy: Deploy) -> None:
@@ -972,14 +984,14 @@ def test_shellcheck_and_hadolint() -> None:
 def test_image_dependency_set_runs_the_entrypoint(tmp_path: Path, db: Database) -> None:
     """requirements.txt alone, in a fresh virtualenv, runs `python main.py` (the image's
     ENTRYPOINT): no package from the development environment is needed."""
-    venv.create(tmp_path / "venv", with_pip=True)
+    venv.create(tmp_path / "venv")  # pip comes from the test's environment (--python)
     python = tmp_path / "venv" / "bin" / "python"
+    pip = [sys.executable, "-m", "pip", "--python", python, "--disable-pip-version-check"]
     subprocess.run(
-        [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-         "-r", ROOT / "requirements.txt"],
+        [*pip, "install", "--quiet", "--no-compile", "-r", ROOT / "requirements.txt"],
         check=True,
         timeout=600,
-    )  # fmt: skip
+    )
     db.insert([{"id": 1, "call_weekdays": "daily", "call_time": "09:30"}])
     app = tmp_path / "app"
     app.mkdir()
@@ -994,11 +1006,11 @@ def test_image_dependency_set_runs_the_entrypoint(tmp_path: Path, db: Database) 
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.splitlines()[-1])["calls_planned"] == 1
-    freeze = subprocess.run([python, "-m", "pip", "freeze"], capture_output=True, text=True, check=True)
+    freeze = subprocess.run([*pip, "freeze"], capture_output=True, text=True, check=True)
     pinned = {ln.split("==")[0].lower() for ln in (ROOT / "requirements.txt").read_text().splitlines()
               if "==" in ln}  # fmt: skip
     installed = {ln.split("==")[0].lower() for ln in freeze.stdout.splitlines() if "==" in ln}
-    assert installed <= pinned | {"pip", "setuptools"}  # every installed package is pinned
+    assert installed <= pinned  # every installed package is pinned
 
 
 def scale_out_commands(document: str) -> list[str]:
