@@ -263,6 +263,9 @@ def run_at(when: dt.datetime | str, env: dict[str, str], *args: str) -> JobResul
     return run_main(args, env, VirtualClock(when))
 
 
+UNKNOWN_THREAD = 1094  # ER_NO_SUCH_THREAD
+
+
 def kill_connections(db: Database) -> int:
     """KILL every connection to `db` but this helper's own: a network blip or a Cloud SQL
     failover as the job sees it. Returns how many were killed."""
@@ -271,10 +274,15 @@ def kill_connections(db: Database) -> int:
             "SELECT ID FROM information_schema.PROCESSLIST WHERE DB = %s AND ID != CONNECTION_ID()",
             (db.name,),
         )
-        ids = [row[0] for row in cur.fetchall()]
-        for connection_id in ids:
-            cur.execute(f"KILL CONNECTION {int(connection_id)}")
-    return len(ids)
+        killed = 0
+        for (connection_id,) in cur.fetchall():
+            try:
+                cur.execute(f"KILL CONNECTION {int(connection_id)}")
+                killed += 1
+            except pymysql.err.OperationalError as exc:
+                if exc.args[0] != UNKNOWN_THREAD:  # else it closed meanwhile by itself
+                    raise
+    return killed
 
 
 def start_job(args: Sequence[str], env: dict[str, str]) -> subprocess.Popen[str]:
