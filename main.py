@@ -12,6 +12,7 @@ Run: python main.py [--dry-run | --check] [--changes] [--now ISO8601]   (setting
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import datetime as dt
@@ -2221,8 +2222,7 @@ class Retired(enum.Enum):
 
     DELETED = "deleted"  # answered before the call's time: it never ran
     GONE = "gone"  # NOT_FOUND before the call's time: deleted already, or never created
-    DELETED_LATE = "deleted late"  # answered once the call's time had come: it may have run
-    GONE_LATE = "gone late"  # NOT_FOUND once the call's time had come: it may have run
+    LATE = "late"  # answered once the call's time had come: it may have run; the mark stays
     LEFT = "left"  # too close to its time to act on: its earlier state back
     FAILED = "failed"  # logged; the mark stays
 
@@ -2282,13 +2282,17 @@ class Stale(NamedTuple):
 class Tally:
     """What retiring stale ids came to."""
 
-    deleted: int = 0  # tasks a DeleteTask removed
+    deleted: int = 0  # tasks a DeleteTask removed before their time
     failed: int = 0
     skipped: int = 0  # left: due within the firing margin
+    late: int = 0  # DeleteTask answered only once the call's time had come: it may have run
 
     def __add__(self, other: Tally) -> Tally:
         return Tally(
-            self.deleted + other.deleted, self.failed + other.failed, self.skipped + other.skipped
+            *(
+                a + b
+                for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other), strict=True)
+            )
         )
 
 
@@ -2333,7 +2337,9 @@ class Placement:
        the call's time: it took effect before then, and Cloud Tasks dispatches no
        task before its time, so it surely never ran; a `deleted` id never becomes
        planned again. (The delete is sent only while the call is ahead of the
-       margin, with a deadline that ends before it.) An id whose create
+       margin, with a deadline that ends before it.) An answer after the call's time
+       leaves it `deleting`, a failed delete: it may have run, so the call it was
+       replacing for is then decided by 3c, due now. An id whose create
        was never confirmed is created first, then deleted: a create still in flight
        from a run that lost its lock then meets ALREADY_EXISTS for an hour (taking
        the name is retried for at most ENQUEUE_DEADLINE_SECONDS). No create or delete
@@ -2652,7 +2658,10 @@ class Placement:
             if intent.step is Step.RESOLVE:
                 return self._resolve(call)
             if intent.step is Step.REPLACE:
-                if not self._replace(call):
+                retired = self._replace(call)
+                if retired.late:  # its time came meanwhile, and it may have run: rule 3c
+                    return self._resolve(call)
+                if retired.failed or retired.skipped:
                     return Placed(Outcome.FAILED)
                 if self.called_that_day(call, self._earlier_calls([call]).get(call.user_id, ())):
                     return Placed(Outcome.SKIPPED)
@@ -2728,11 +2737,9 @@ class Placement:
         self.record.write([Entry(call.key, a, DELETING, CANNOT_TELL) for a in deleting])
         return Placed(Outcome.FAILED)
 
-    def _replace(self, call: Call) -> bool:
-        """Rules 3a and 3c, the call ahead: retire every id of it that may be pending;
-        True when all are gone."""
-        tally = self.retire([self._stale(call, a, REPLACED) for a in self._live(call.key)])
-        return tally.failed == 0 and tally.skipped == 0
+    def _replace(self, call: Call) -> Tally:
+        """Rules 3a and 3c, the call ahead: retire every id of it that may be pending."""
+        return self.retire([self._stale(call, a, REPLACED) for a in self._live(call.key)])
 
     # -- retiring ----------------------------------------------------------------
 
@@ -2789,20 +2796,24 @@ class Placement:
         except DatabaseError as exc:
             log.critical("could not record the stale tasks, so deleted none: %s", exc)
             return Tally(failed=len(chunk))
-        tally, confirmed = Tally(), []
-        for item, result in zip(chunk, self._pool.map(self._retire_one, chunk), strict=True):
-            tally += Tally(
-                deleted=int(result in (Retired.DELETED, Retired.DELETED_LATE)),
-                skipped=int(result is Retired.LEFT),
-                failed=int(result is Retired.FAILED),
-            )
-            if result in CONFIRMED:
-                confirmed.append(Entry(item.key, item.alternative, DELETED, item.reason))
+        results = list(zip(chunk, self._pool.map(self._retire_one, chunk), strict=True))
+        counts = collections.Counter(result for _item, result in results)
+        tally = Tally(
+            deleted=counts[Retired.DELETED],
+            failed=counts[Retired.FAILED],
+            skipped=counts[Retired.LEFT],
+            late=counts[Retired.LATE],
+        )
+        confirmed = [
+            Entry(item.key, item.alternative, DELETED, item.reason)
+            for item, result in results
+            if result in CONFIRMED
+        ]
         try:
             self.record.write(confirmed)
         except DatabaseError as exc:  # they stay "deleting": safe, only less certain
             log.critical("could not confirm deleted tasks: %s", exc)
-            return tally + Tally(failed=len(confirmed))
+            return dataclasses.replace(tally, deleted=0, failed=tally.failed + len(confirmed))
         return tally
 
     def _retire_one(self, item: Stale) -> Retired:
@@ -2836,11 +2847,15 @@ class Placement:
             return Retired.FAILED
         # Answered before the call's time, it took effect before then: the task never
         # ran, since Cloud Tasks dispatches none before its time (rule 5).
-        in_time = self.clock() < item.key.instant
+        if self.clock() >= item.key.instant:
+            log.error(
+                "a stale task's delete answered only after its time: it may have run", extra=extra
+            )
+            return Retired.LATE
         if gone:
             log.info("deleted a stale task", extra=extra)
-            return Retired.DELETED if in_time else Retired.DELETED_LATE
-        return Retired.GONE if in_time else Retired.GONE_LATE
+            return Retired.DELETED
+        return Retired.GONE
 
     def _left(self, item: Stale) -> float:
         """Seconds until `item`'s call is within the margin."""
@@ -2948,7 +2963,7 @@ class RunSummary:
 
     def retired(self, tally: Tally) -> None:
         self.tasks_deleted += tally.deleted
-        self.deletes_failed += tally.failed
+        self.deletes_failed += tally.failed + tally.late
         self.deletes_skipped += tally.skipped
 
     def purged(self, rows: int) -> None:

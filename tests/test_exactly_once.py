@@ -497,21 +497,34 @@ def test_an_unconfirmed_delete_of_a_future_call_gets_the_next_id(
     assert queue.task_ids() == [tid(1, at(9), 1)]
 
 
-@pytest.mark.parametrize(("answered_after", "state"), [(6, "deleted"), (70, "deleting")])
+@pytest.mark.parametrize(
+    ("answered_after", "state", "code", "deleted", "failed"),
+    [(6, "deleted", 0, 1, 0), (70, "deleting", 1, 0, 1)],
+)
 def test_a_delete_is_confirmed_only_when_it_answered_before_the_call(
-    db: Database, queue: FakeCloudTasks, clock: VirtualClock, answered_after: int, state: str
+    db: Database,
+    queue: FakeCloudTasks,
+    clock: VirtualClock,
+    answered_after: int,
+    state: str,
+    code: int,
+    deleted: int,
+    failed: int,
 ) -> None:
     """Deleted 65 s ahead. Answered 6 s later, inside the margin but before the call's
     time, the delete took effect before any dispatch: `deleted`. Answered 70 s later,
-    after the call's time, the task may have run first: the record keeps `deleting`."""
+    after the call's time, the task may have run first: the record keeps `deleting`, and
+    the run counts a failed delete and says so."""
     call = clock.now + dt.timedelta(seconds=65)
     db.insert([{"id": 1, "call_weekdays": "daily", "call_time": call.time().isoformat()}])
     assert job(db, queue, clock).summary["tasks_created"] == 1
     db.execute("UPDATE users SET is_active = 0")
     slow(queue, clock, "DeleteTask", answered_after)
     result = job(db, queue, clock)
-    assert result.code == 0, result.stderr
-    assert result.summary["tasks_deleted"] == 1
+    assert result.code == code, result.stderr
+    assert result.summary["tasks_deleted"] == deleted
+    assert result.summary["deletes_failed"] == failed
+    assert ("answered only after its time: it may have run" in result.stderr) == bool(failed)
     assert [r[4] for r in records(db)] == [state]
 
 

@@ -3,7 +3,8 @@ could not note itself, two shard counts at once, a name taken just before a dele
 connection cut off by the network, a verdict asked again every minute, a typo after a
 failed create, a lost reader, and a long run with a stale call near its time; and, from
 a third review, a delete answered late, a stop between parts, a slow name taken before a
-delete, an audit after an outage, and what a dry run prints.
+delete, an audit after an outage, and what a dry run prints; and, from a fourth, a
+replacement whose delete answers only after the call's time.
 
 The job runs in-process on a virtual clock that the dispatching in-tests Cloud Tasks
 server shares.
@@ -452,8 +453,8 @@ def test_a_delete_answered_late_still_marks_the_id_deleted_and_the_moved_call_is
     db: Database, dispatching: FakeCloudTasks, clock: VirtualClock
 ) -> None:
     """09:00 moved to 09:30 just over a minute before: the quick run's DeleteTask takes
-    effect 60.5 s before the call, its answer comes 59.5 s before. The delete was sent
-    with a deadline ending before the margin, so the id is `deleted`, and 09:30 is made."""
+    effect 60.5 s before the call, its answer comes 59.5 s before: still before the call's
+    time, so the id is `deleted`, and 09:30 is made."""
     env = job_env(db, dispatching)
     db.insert([{"id": 1, "call_weekdays": "daily", "call_time": "09:00"}])
     clock.now = at(8, 1)
@@ -476,6 +477,37 @@ def test_a_delete_answered_late_still_marks_the_id_deleted_and_the_moved_call_is
     clock.now = at(9, 45)
     dispatching.run_due()
     assert executions(dispatching) == {(1, "2026-11-30T09:30:00+09:00"): 1}
+
+
+@pytest.mark.parametrize("args", [[], ["--changes"]])
+def test_a_replacement_whose_delete_answers_after_the_call_makes_no_second_call(
+    db: Database, dispatching: FakeCloudTasks, clock: VirtualClock, args: list[str]
+) -> None:
+    """(A fourth review.) The 09:00 id was left `deleting` by a run that died before its
+    DeleteTask, and 09:00 is wanted again. At 08:58 the run replaces it: the delete is
+    sent ahead of the margin but answers after 09:00, when the task has run. The call
+    may have been made, so no new id is created: "cannot tell", once, and exit 1."""
+    env = job_env(db, dispatching)
+    db.insert([{"id": 1, "call_weekdays": "daily", "call_time": "09:00"}])
+    clock.now = at(8, 1)
+    assert run_main([], env, clock).code == 0
+    db.execute("UPDATE scheduled_calls SET state = 'deleting'")
+    assert dispatching.task_ids() == [tid(1, at(9))]
+    clock.now = at(8, 58)
+
+    def late(method: str, _request: object) -> None:
+        if method == "DeleteTask":  # the task runs at 09:00 meanwhile
+            clock.advance(seconds=130)
+
+    dispatching.before_rpc = late
+    result = run_main(args, env, clock)
+    dispatching.before_rpc = None
+    assert result.code == 1, result.stderr
+    assert result.summary["tasks_created"] == 0 and result.summary["deletes_failed"] == 1
+    assert "cannot tell whether this call already ran" in result.stderr
+    clock.now = at(9, 30)
+    dispatching.run_due()
+    assert executions(dispatching) == {(1, "2026-11-30T09:00:00+09:00"): 1}
 
 
 def test_a_run_stopped_between_parts_is_not_noted_complete(
