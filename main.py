@@ -2338,8 +2338,8 @@ class Placement:
        task before its time, so it surely never ran; a `deleted` id never becomes
        planned again. (The delete is sent only while the call is ahead of the
        margin, with a deadline that ends before it.) An answer after the call's time
-       leaves it `deleting`, a failed delete: it may have run, so the call it was
-       replacing for is then decided by 3c, due now. An id whose create
+       leaves it `deleting` and counts as a failed delete: it may have run, so a call
+       being replaced is then decided by 3c as a call due now. An id whose create
        was never confirmed is created first, then deleted: a create still in flight
        from a run that lost its lock then meets ALREADY_EXISTS for an hour (taking
        the name is retried for at most ENQUEUE_DEADLINE_SECONDS). No create or delete
@@ -3352,20 +3352,13 @@ def audit(
         past = history.complete(stretch)
         own = [p.window for p in past if p.shard == config.shard]
         for gap in uncovered(stretch, own):
-            for hour in _slices(gap, dt.timedelta(hours=1)):
+            for hour in slices(gap, dt.timedelta(hours=1)):
                 for call, recorded in _unplaced(writer, snapshot, config, clock, hour, past):
                     summary.missed(call, recorded)
     except DatabaseError as exc:
         log.warning("could not audit for missed calls: %s", exc)
         return None
     return until
-
-
-def _slices(window: Window, size: dt.timedelta) -> Iterator[Window]:
-    start = window.start
-    while start < window.end:
-        yield Window(start, min(start + size, window.end))
-        start += size
 
 
 def _unplaced(

@@ -177,6 +177,40 @@ def tasks_server() -> Iterator[FakeCloudTasks]:
         server.stop()
 
 
+@pytest.fixture
+def clock() -> VirtualClock:
+    """The job's clock (`--now`): 08:00 JST on Monday 2026-11-30, unless a file says otherwise."""
+    return VirtualClock(at(8))
+
+
+@pytest.fixture
+def dispatching(clock: VirtualClock) -> Iterator[FakeCloudTasks]:
+    """The in-tests Cloud Tasks server, running each task when `clock` reaches its time."""
+    server = FakeCloudTasks(clock=clock.seconds, dispatch=True).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def insert_record(
+    db: Database, user_id: int, when: dt.datetime, alternative: int, state: str
+) -> None:
+    """A row of scheduled_calls, as an earlier run would have left it."""
+    with db.connect() as conn, conn.cursor() as cur:
+        cur.execute(
+            "INSERT INTO scheduled_calls (call_at, user_id, alternative, task_id, state)"
+            " VALUES (%s, %s, %s, %s, %s)",
+            (
+                when.astimezone(dt.UTC).replace(tzinfo=None),
+                user_id,
+                alternative,
+                tid(user_id, when, alternative),
+                state,
+            ),
+        )
+
+
 @dataclasses.dataclass
 class JobResult:
     code: int

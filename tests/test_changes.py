@@ -37,12 +37,8 @@ def clock() -> VirtualClock:
 
 
 @pytest.fixture
-def server(clock: VirtualClock) -> collections.abc.Iterator[FakeCloudTasks]:
-    fake = FakeCloudTasks(clock=clock.seconds, dispatch=True).start()
-    try:
-        yield fake
-    finally:
-        fake.stop()
+def server(dispatching: FakeCloudTasks) -> FakeCloudTasks:
+    return dispatching
 
 
 def hourly(db: Database, server: FakeCloudTasks, clock: VirtualClock, **env: str) -> JobResult:

@@ -32,6 +32,7 @@ from tests.conftest import (
     at,
     create_database,
     drop_database,
+    insert_record,
     job_env,
     kill_connections,
     run_main,
@@ -42,20 +43,6 @@ from tests.tcp_proxy import TcpProxy
 
 JST = dt.timezone(dt.timedelta(hours=9))
 UTC = dt.UTC
-
-
-@pytest.fixture
-def clock() -> VirtualClock:
-    return VirtualClock(at(8))
-
-
-@pytest.fixture
-def dispatching(clock: VirtualClock) -> collections.abc.Iterator[FakeCloudTasks]:
-    server = FakeCloudTasks(clock=clock.seconds, dispatch=True).start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
@@ -396,23 +383,6 @@ def test_old_rows_are_purged_in_batches(
 # -- slow answers, unconfirmed deletes, old calls, overlap ---------------------------------
 
 
-def insert_record(
-    db: Database, user_id: int, when: dt.datetime, alternative: int, state: str
-) -> None:
-    with db.connect() as conn, conn.cursor() as cur:
-        cur.execute(
-            "INSERT INTO scheduled_calls (call_at, user_id, alternative, task_id, state)"
-            " VALUES (%s, %s, %s, %s, %s)",
-            (
-                when.astimezone(UTC).replace(tzinfo=None),
-                user_id,
-                alternative,
-                tid(user_id, when, alternative),
-                state,
-            ),
-        )
-
-
 def slow(server: FakeCloudTasks, clock: VirtualClock, method: str, seconds: float) -> None:
     """`method` is answered `seconds` of the virtual clock after the job sent it."""
 
@@ -652,6 +622,34 @@ def test_a_reshard_after_a_failed_delete_keeps_the_call(
     assert executions(dispatching) == {(7, "2026-11-30T08:40:00+09:00"): 1}
 
 
+def lose_the_lock_while_held(
+    db: Database,
+    dispatching: FakeCloudTasks,
+    clock: VirtualClock,
+    method: str,
+    change: str,
+    then: dt.datetime,
+) -> tuple[list[JobResult], JobResult]:
+    """Run A is held at its first `method`; meanwhile the family's `change`, A's
+    connections drop (its lock goes), and run B runs at `then`; then A's request lands.
+    A's result (once it ends) and B's."""
+    reached, release = hold_first(dispatching, method)
+    a_result: list[JobResult] = []
+    a = threading.Thread(target=lambda: a_result.append(run_main([], on(db, dispatching), clock)))
+    a.start()
+    try:
+        assert reached.wait(30)
+        db.execute(change)
+        assert kill_connections(db) >= 1
+        clock.now = then
+        b = run_main([], on(db, dispatching), clock)
+        assert b.code == 0, b.stderr
+    finally:
+        release.set()
+        a.join(60)
+    return a_result, b
+
+
 def test_a_run_that_lost_its_lock_cannot_leave_a_stale_call_behind(
     db: Database, dispatching: FakeCloudTasks, clock: VirtualClock
 ) -> None:
@@ -659,20 +657,9 @@ def test_a_run_that_lost_its_lock_cannot_leave_a_stale_call_behind(
     09:30 and A's connections drop, which frees its lock. Run B plans 09:30; then A's
     create lands. Nobody may be called at 09:00."""
     users_at(db, "09:00", range(5, 6))
-    reached, release = hold_first(dispatching, "CreateTask")
-    a_result: list[JobResult] = []
-    a = threading.Thread(target=lambda: a_result.append(run_main([], on(db, dispatching), clock)))
-    a.start()
-    try:
-        assert reached.wait(30)
-        db.execute("UPDATE users SET call_time = '09:30' WHERE id = 5")
-        assert kill_connections(db) >= 1
-        clock.now = at(8, 1)
-        b = run_main([], on(db, dispatching), clock)
-        assert b.code == 0, b.stderr
-    finally:
-        release.set()
-        a.join(60)
+    a_result, _b = lose_the_lock_while_held(
+        db, dispatching, clock, "CreateTask", "UPDATE users SET call_time = '09:30'", at(8, 1)
+    )
     clock.now = at(10)
     dispatching.run_due()
     assert executions(dispatching) == {(5, "2026-11-30T09:30:00+09:00"): 1}
@@ -689,20 +676,9 @@ def test_a_run_that_lost_its_lock_cannot_delete_a_wanted_call(
     assert run_main([], on(db, dispatching), clock).code == 0
     db.execute("UPDATE users SET call_time = '09:30' WHERE id = 5")
     clock.now = at(8, 5)
-    reached, release = hold_first(dispatching, "DeleteTask")
-    a_result: list[JobResult] = []
-    a = threading.Thread(target=lambda: a_result.append(run_main([], on(db, dispatching), clock)))
-    a.start()
-    try:
-        assert reached.wait(30)
-        db.execute("UPDATE users SET call_time = '09:00' WHERE id = 5")
-        assert kill_connections(db) >= 1
-        clock.now = at(8, 6)
-        b = run_main([], on(db, dispatching), clock)
-        assert b.code == 0, b.stderr
-    finally:
-        release.set()
-        a.join(60)
+    lose_the_lock_while_held(
+        db, dispatching, clock, "DeleteTask", "UPDATE users SET call_time = '09:00'", at(8, 6)
+    )
     clock.now = at(10)
     dispatching.run_due()
     assert executions(dispatching) == {(5, "2026-11-30T09:00:00+09:00"): 1}

@@ -34,6 +34,7 @@ from tests.conftest import (
     at,
     create_database,
     drop_database,
+    insert_record,
     job_env,
     kill_connections,
     run_main,
@@ -44,20 +45,6 @@ from tests.fake_cloud_tasks import FakeCloudTasks
 UTC = dt.UTC
 
 
-@pytest.fixture
-def clock() -> VirtualClock:
-    return VirtualClock(at(8))
-
-
-@pytest.fixture
-def dispatching(clock: VirtualClock) -> Iterator[FakeCloudTasks]:
-    server = FakeCloudTasks(clock=clock.seconds, dispatch=True).start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 def on(db: Database, server: FakeCloudTasks, **env: str) -> dict[str, str]:
     return job_env(db, server, ENQUEUE_DEADLINE_SECONDS="1", **env)
 
@@ -66,23 +53,6 @@ def executions(server: FakeCloudTasks) -> collections.Counter[tuple[int, str]]:
     return collections.Counter(
         (e.body["user_id"], e.body["scheduled_at"]) for e in server.executions
     )
-
-
-def insert_record(
-    db: Database, user_id: int, when: dt.datetime, alternative: int, state: str
-) -> None:
-    with db.connect() as conn, conn.cursor() as cur:
-        cur.execute(
-            "INSERT INTO scheduled_calls (call_at, user_id, alternative, task_id, state)"
-            " VALUES (%s, %s, %s, %s, %s)",
-            (
-                when.astimezone(UTC).replace(tzinfo=None),
-                user_id,
-                alternative,
-                tid(user_id, when, alternative),
-                state,
-            ),
-        )
 
 
 def states(db: Database) -> list[tuple[int, int, str]]:
