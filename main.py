@@ -2565,20 +2565,21 @@ class Placement:
         already, when rule 4 or an earlier run's "cannot tell" turns it away), and the
         ids to retire: the calls' duplicates and what rule 4 turns away."""
         intents = [self.look(call) for call in calls]
-        examined = [
-            i.call
+        examines = [
+            i.step in CREATING or (not self.quick and not self.firing(i.call.instant))
             for i in intents
-            if i.step in CREATING or (not self.quick and not self.firing(i.call.instant))
         ]
-        elsewhere = self._earlier_calls(examined)
+        elsewhere = self._earlier_calls(
+            [i.call for i, e in zip(intents, examines, strict=True) if e]
+        )
         decided: list[Intent | Placed] = []
         doomed: list[Stale] = []
-        for intent in intents:
+        for intent, examined in zip(intents, examines, strict=True):
             call = intent.call
             if intent.step is Step.SETTLED:
                 decided.append(Placed(Outcome.SKIPPED))
                 continue
-            if call in examined and self.called_that_day(call, elsewhere.get(call.user_id, ())):
+            if examined and self.called_that_day(call, elsewhere.get(call.user_id, ())):
                 decided.append(Placed(Outcome.SKIPPED))
                 reason = "the row was already called that day"
                 doomed += [self._stale(call, a, reason) for a in self._live(call.key)]
